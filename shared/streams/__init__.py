@@ -1,0 +1,1 @@
+"""Recorded event streams: the file format, importers and the synthetic generator."""
