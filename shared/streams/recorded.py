@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gzip
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -31,39 +31,49 @@ class InvalidLine:
     error: InvalidEventError
 
 
-def _open_binary(path: Path) -> IO[bytes]:
-    """Open a file for reading, decompressing it when it starts with the gzip magic bytes."""
-    handle = open(path, "rb")  # noqa: SIM115 - the caller closes it
-    if handle.read(2) == _GZIP_MAGIC:
-        handle.close()
-        return gzip.open(path, "rb")
-    handle.seek(0)
-    return handle
+# How many lines pass between two progress callbacks.
+_PROGRESS_EVERY_LINES = 2048
 
 
-def read_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(line_number, raw_line)`` for each non-blank line, lazily."""
+def read_lines(
+    path: str | Path, on_progress: Callable[[int], None] | None = None
+) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(line_number, raw_line)`` for each non-blank line, lazily.
+
+    ``on_progress`` receives the number of file bytes read so far (compressed
+    bytes for gzip), for progress bars.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
             f"recorded stream {str(path)!r} not found; pass an existing .jsonl or .jsonl.gz file"
         )
-    with _open_binary(path) as handle:
+    with open(path, "rb") as file_handle:
+        handle: IO[bytes] = file_handle
+        if file_handle.read(2) == _GZIP_MAGIC:
+            handle = gzip.GzipFile(fileobj=file_handle, mode="rb")
+        file_handle.seek(0)
         for line_number, line in enumerate(handle, start=1):
+            if on_progress is not None and line_number % _PROGRESS_EVERY_LINES == 0:
+                on_progress(file_handle.tell())
             line = line.strip()
             if line:
                 yield line_number, line
+        if on_progress is not None:
+            on_progress(file_handle.tell())
 
 
 def read_events(
-    path: str | Path, invalid: list[InvalidLine] | None = None
+    path: str | Path,
+    invalid: list[InvalidLine] | None = None,
+    on_progress: Callable[[int], None] | None = None,
 ) -> Iterator[Impression | Click]:
     """Yield the events of a recorded stream in file order, lazily.
 
     Invalid lines are skipped and appended to ``invalid`` when it is given, so
     one bad line never stops a replay. Without ``invalid`` they raise.
     """
-    for line_number, raw in read_lines(path):
+    for line_number, raw in read_lines(path, on_progress):
         try:
             yield parse_event(raw)
         except InvalidEventError as error:

@@ -1,0 +1,1 @@
+"""Online learning: the model registry and the progressive learner."""

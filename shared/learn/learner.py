@@ -1,0 +1,86 @@
+"""Progressive learning with delayed labels.
+
+The learner scores each impression when it arrives, as a scorer serving the
+current model would, and learns from it only when its label is decided. The
+metrics compare that served score with the label, which is what River's
+``evaluate.progressive_val_score`` does with ``moment`` and ``delay``. The
+score just before learning is recorded too: the gap between the two is the
+cost of the label delay.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from river import base, compose
+
+from shared.events import Impression, LabeledExample, LabelSource
+from shared.learn.models import BASELINE_MODEL, DEFAULT_MODEL, ScoringLogisticRegression, build_model
+from shared.metrics.evaluation import ProgressiveEvaluation
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Scores:
+    """The model's and the baseline's click probability for one impression."""
+
+    model: float
+    baseline: float
+
+
+def learn_and_score(model: base.Classifier, x: dict, y: bool) -> float:
+    """Learn one example and return the model's probability for it from just before learning."""
+    final = model[-1] if isinstance(model, compose.Pipeline) else model
+    if isinstance(final, ScoringLogisticRegression):
+        model.learn_one(x, y)
+        assert final.last_learn_probability is not None
+        return final.last_learn_probability
+    probability = model.predict_proba_one(x).get(True, 0.0)
+    model.learn_one(x, y)
+    return probability
+
+
+class OnlineLearner:
+    """A model and its baseline, learning from labelled examples as they are decided."""
+
+    def __init__(
+        self,
+        model_name: str = DEFAULT_MODEL,
+        model: base.Classifier | None = None,
+        baseline: base.Classifier | None = None,
+        evaluation: ProgressiveEvaluation | None = None,
+    ) -> None:
+        self.model_name = model_name
+        self.model = model if model is not None else build_model(model_name)
+        self.baseline = baseline if baseline is not None else build_model(BASELINE_MODEL)
+        self.evaluation = evaluation or ProgressiveEvaluation()
+        self.examples_learned = 0
+
+    def score(self, impression: Impression) -> Scores:
+        """Return the current probabilities for an impression without learning anything."""
+        x = impression.learning_features()
+        return Scores(
+            model=self.model.predict_proba_one(x).get(True, 0.0),
+            baseline=self.baseline.predict_proba_one(x).get(True, 0.0),
+        )
+
+    def learn(self, example: LabeledExample, served: Scores | None) -> None:
+        """Learn one example and add it to the metrics.
+
+        ``served`` holds the scores from when the impression was served; None
+        when they are unknown. A late-click correction is learned but not
+        scored again: its impression was already scored at its first label.
+        """
+        x = example.impression.learning_features()
+        y = bool(example.label)
+
+        prelearn = Scores(
+            model=learn_and_score(self.model, x, y),
+            baseline=learn_and_score(self.baseline, x, y),
+        )
+        self.examples_learned += 1
+
+        if example.label_source != LabelSource.LATE_CLICK_CORRECTION:
+            self.evaluation.update(example, served, prelearn)

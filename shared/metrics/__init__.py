@@ -1,0 +1,1 @@
+"""Evaluation metrics for click-through-rate models: log loss, normalised entropy, exact AUC."""
