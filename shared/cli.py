@@ -1,0 +1,310 @@
+"""The ``online-ctr`` command line: replay, import, generate and the services."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from shared.durations import parse_duration
+from shared.errors import OnlineCtrError
+from shared.logs import configure_logging
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SAMPLE = Path("data/samples/obd-small.jsonl.gz")
+DEFAULT_REPORT_DIR = Path("reports/replay")
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _add_join_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("join")
+    group.add_argument(
+        "--window",
+        type=_duration,
+        default=600.0,
+        metavar="DURATION",
+        help="attribution window after each impression, e.g. 10m or 600 (default: 10m)",
+    )
+    group.add_argument(
+        "--lateness",
+        type=_duration,
+        default=60.0,
+        metavar="DURATION",
+        help="how far the watermark trails the newest event time (default: 1m)",
+    )
+    group.add_argument(
+        "--late-clicks",
+        choices=("drop", "correct"),
+        default="drop",
+        help="clicks after their window closed: drop and count them, or also emit a "
+        "positive correction (default: drop)",
+    )
+
+
+# Replay.
+
+
+def _add_replay(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "replay",
+        help="replay a recorded stream through the join, the learner and the metrics",
+        description=(
+            "Replay a recorded stream in event time: score each impression as it arrives, "
+            "decide its label through the attribution window, learn, and report the model "
+            "against the running-click-rate baseline."
+        ),
+    )
+    parser.add_argument(
+        "--events",
+        type=Path,
+        default=DEFAULT_SAMPLE,
+        metavar="PATH",
+        help=f"recorded stream, .jsonl or .jsonl.gz (default: {DEFAULT_SAMPLE})",
+    )
+    parser.add_argument("--model", default="logreg", help="model from the registry (default: logreg)")
+    _add_join_options(parser)
+    parser.add_argument(
+        "--segment-by",
+        action="append",
+        default=[],
+        metavar="FEATURE",
+        help="report metrics per value of this feature; repeat for several",
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=DEFAULT_REPORT_DIR,
+        metavar="DIR",
+        help=f"directory for metrics, plots and index.html (default: {DEFAULT_REPORT_DIR})",
+    )
+    parser.add_argument(
+        "--rolling-window",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="examples in the rolling metrics window (default: 10000)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(handler=_run_replay)
+
+
+def _run_replay(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from shared.join import JoinSettings
+    from shared.replay.report import write_report
+    from shared.replay.runner import ReplayConfig, run_replay
+    from shared.replay.summary import format_summary
+
+    config = ReplayConfig(
+        events=args.events,
+        model=args.model,
+        join=JoinSettings(
+            window_seconds=args.window,
+            allowed_lateness_seconds=args.lateness,
+            late_click_policy=args.late_clicks,
+        ),
+        segment_by=args.segment_by,
+        rolling_window=args.rolling_window,
+    )
+    if not args.events.exists():
+        raise OnlineCtrError(
+            f"recorded stream {str(args.events)!r} not found; pass --events PATH, or run "
+            "`make replay` from the repository root to use the bundled sample"
+        )
+
+    size = args.events.stat().st_size
+    with tqdm(
+        total=size,
+        unit="B",
+        unit_scale=True,
+        desc="replay",
+        disable=args.no_progress,
+        file=sys.stderr,
+    ) as bar:
+
+        def advance(position: int) -> None:
+            bar.update(position - bar.n)
+
+        result = run_replay(config, on_progress=advance)
+
+    print(format_summary(result))
+    index = write_report(result, args.report)
+    print(f"\nreport: {index}")
+    return 0
+
+
+# Import and generate.
+
+
+def _add_import(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "import",
+        help="convert a public click log into the recorded-stream format",
+        description="Convert a public click log into the recorded-stream format (JSON Lines).",
+    )
+    sources = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
+
+    obd = sources.add_parser(
+        "obd",
+        help="Open Bandit Dataset (ZOZOTOWN), small version",
+        description=(
+            "Convert the Open Bandit Dataset small version (Saito et al., arXiv:2008.07146) "
+            "into a recorded stream. Its clicks share the impression's timestamp."
+        ),
+    )
+    obd.add_argument(
+        "--source",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="folder holding the policy folders random/ and bts/ with their CSV files",
+    )
+    obd.add_argument("--out", type=Path, required=True, metavar="PATH", help="output .jsonl(.gz)")
+    obd.set_defaults(handler=_run_import_obd)
+
+    taobao = sources.add_parser(
+        "taobao",
+        help="Taobao UserBehavior (user_id,item_id,category_id,behavior,timestamp)",
+        description=(
+            "Convert Taobao UserBehavior CSV into a recorded stream: each pv is an impression, "
+            "and a later buy (or cart, with --label cart) of the same user and item is its click."
+        ),
+    )
+    taobao.add_argument("--source", type=Path, required=True, metavar="CSV", help="input CSV")
+    taobao.add_argument("--out", type=Path, required=True, metavar="PATH", help="output .jsonl(.gz)")
+    taobao.add_argument(
+        "--label",
+        action="append",
+        choices=("buy", "cart", "fav"),
+        default=None,
+        help="behaviour that counts as a click; repeat for several (default: buy)",
+    )
+    taobao.set_defaults(handler=_run_import_taobao)
+
+
+def _run_import_obd(args: argparse.Namespace) -> int:
+    from shared.streams.obd import import_obd
+
+    summary = import_obd(args.source, args.out)
+    print(summary)
+    return 0
+
+
+def _run_import_taobao(args: argparse.Namespace) -> int:
+    from shared.streams.taobao import import_taobao
+
+    summary = import_taobao(args.source, args.out, label_behaviors=tuple(args.label or ("buy",)))
+    print(summary)
+    return 0
+
+
+def _add_generate(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "generate",
+        help="write a synthetic stream with known click probabilities",
+        description=(
+            "Write a seeded synthetic stream whose true click probability is known for every "
+            "impression, with configurable click delays and an optional drift."
+        ),
+    )
+    parser.add_argument("--out", type=Path, required=True, metavar="PATH", help="output .jsonl(.gz)")
+    parser.add_argument(
+        "--truth", type=Path, default=None, metavar="PATH", help="also write the truth per impression"
+    )
+    parser.add_argument("--impressions", type=int, default=50_000, help="number of impressions")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--delay-mean",
+        type=_duration,
+        default=120.0,
+        metavar="DURATION",
+        help="mean click delay, exponential distribution (default: 2m)",
+    )
+    parser.add_argument(
+        "--drift-at",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="switch click behaviour after this fraction of the stream, e.g. 0.5",
+    )
+    parser.set_defaults(handler=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from shared.streams.generate import GeneratorSettings, write_generated
+
+    settings = GeneratorSettings(
+        impressions=args.impressions,
+        seed=args.seed,
+        delay_mean_seconds=args.delay_mean,
+        drift_at_fraction=args.drift_at,
+    )
+    summary = write_generated(settings, args.out, args.truth)
+    print(summary)
+    return 0
+
+
+def _add_models(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("models", help="list the models in the registry")
+    parser.set_defaults(handler=_run_models)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from shared.learn.models import DEFAULT_MODEL, REGISTRY
+
+    for name, spec in sorted(REGISTRY.items()):
+        marker = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"{name}{marker}: {spec.description}")
+    return 0
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_replay,
+    _add_import,
+    _add_generate,
+    _add_models,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the ``online-ctr`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="online-ctr",
+        description="Learn click-through-rate models continuously from impression and click streams.",
+    )
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default=None, help="log line format"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return its exit status."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
+    try:
+        return args.handler(args)
+    except (OnlineCtrError, FileNotFoundError) as error:
+        logger.error("%s", error)
+        return 2
+    except KeyboardInterrupt:
+        logger.warning("Interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
