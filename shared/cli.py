@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import pydantic
+
 from shared.durations import parse_duration
 from shared.errors import OnlineCtrError
 from shared.logs import configure_logging
@@ -70,7 +72,9 @@ def _add_replay(commands: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help=f"recorded stream, .jsonl or .jsonl.gz (default: {DEFAULT_SAMPLE})",
     )
-    parser.add_argument("--model", default="logreg", help="model from the registry (default: logreg)")
+    parser.add_argument(
+        "--model", default="logreg", help="model from the registry (default: logreg)"
+    )
     _add_join_options(parser)
     parser.add_argument(
         "--segment-by",
@@ -181,7 +185,9 @@ def _add_import(commands: argparse._SubParsersAction) -> None:
         ),
     )
     taobao.add_argument("--source", type=Path, required=True, metavar="CSV", help="input CSV")
-    taobao.add_argument("--out", type=Path, required=True, metavar="PATH", help="output .jsonl(.gz)")
+    taobao.add_argument(
+        "--out", type=Path, required=True, metavar="PATH", help="output .jsonl(.gz)"
+    )
     taobao.add_argument(
         "--label",
         action="append",
@@ -217,9 +223,15 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
             "impression, with configurable click delays and an optional drift."
         ),
     )
-    parser.add_argument("--out", type=Path, required=True, metavar="PATH", help="output .jsonl(.gz)")
     parser.add_argument(
-        "--truth", type=Path, default=None, metavar="PATH", help="also write the truth per impression"
+        "--out", type=Path, required=True, metavar="PATH", help="output .jsonl(.gz)"
+    )
+    parser.add_argument(
+        "--truth",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write the truth per impression",
     )
     parser.add_argument("--impressions", type=int, default=50_000, help="number of impressions")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -231,24 +243,53 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         help="mean click delay, exponential distribution (default: 2m)",
     )
     parser.add_argument(
+        "--rate",
+        type=float,
+        default=10.0,
+        metavar="PER_SECOND",
+        help="impressions per second of event time (default: 10)",
+    )
+    parser.add_argument(
+        "--click-rate", type=float, default=0.05, help="base click probability (default: 0.05)"
+    )
+    parser.add_argument(
         "--drift-at",
         type=float,
         default=None,
         metavar="FRACTION",
         help="switch click behaviour after this fraction of the stream, e.g. 0.5",
     )
+    parser.add_argument(
+        "--drift-click-rate",
+        type=float,
+        default=None,
+        help="base click probability after the drift (default: half the base rate)",
+    )
     parser.set_defaults(handler=_run_generate)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from shared.streams.generate import GeneratorSettings, write_generated
+    from shared.streams.generate import (
+        Drift,
+        ExponentialDelay,
+        GeneratorSettings,
+        drift_time_at_fraction,
+        write_generated,
+    )
 
     settings = GeneratorSettings(
         impressions=args.impressions,
         seed=args.seed,
-        delay_mean_seconds=args.delay_mean,
-        drift_at_fraction=args.drift_at,
+        impressions_per_second=args.rate,
+        base_click_rate=args.click_rate,
+        delay=ExponentialDelay(mean_seconds=args.delay_mean),
     )
+    if args.drift_at is not None:
+        drift = Drift(
+            at=drift_time_at_fraction(settings, args.drift_at),
+            base_click_rate=args.drift_click_rate or args.click_rate / 2,
+        )
+        settings = settings.model_copy(update={"drift": drift})
     summary = write_generated(settings, args.out, args.truth)
     print(summary)
     return 0
@@ -280,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     """Build the ``online-ctr`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="online-ctr",
-        description="Learn click-through-rate models continuously from impression and click streams.",
+        description=(
+            "Learn click-through-rate models continuously from impression and click streams."
+        ),
     )
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument(
@@ -300,6 +343,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except (OnlineCtrError, FileNotFoundError) as error:
         logger.error("%s", error)
+        return 2
+    except pydantic.ValidationError as error:
+        detail = error.errors(include_url=False)[0]
+        field = ".".join(str(part) for part in detail.get("loc", ()))
+        logger.error("invalid option %s: %s", field, detail.get("msg"))
         return 2
     except KeyboardInterrupt:
         logger.warning("Interrupted")

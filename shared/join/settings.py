@@ -20,7 +20,7 @@ class LateClickPolicy(enum.StrEnum):
 class JoinSettings(BaseModel):
     """Attribution window, watermark lateness and the stated policies."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     window_seconds: float = Field(default=600.0, gt=0, description="Attribution window length.")
     allowed_lateness_seconds: float = Field(

@@ -34,7 +34,7 @@ REPLAY_PARTITION = 0
 class ReplayConfig(BaseModel):
     """Everything that decides a replay's numbers."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     events: Path
     model: str = DEFAULT_MODEL
@@ -87,6 +87,7 @@ class Replay:
         )
         self.result = ReplayResult(config=config, evaluation=self.learner.evaluation)
         self._served: dict[str, Scores] = {}
+        self._last_decided_at: float | None = None
         self._on_example = on_example
         self._on_progress = on_progress
 
@@ -113,7 +114,8 @@ class Replay:
                 self._learn_all(self.machine.process(REPLAY_PARTITION, [event]))
 
         self._learn_all(self.machine.flush(REPLAY_PARTITION))
-        self._add_timeline_row()
+        if self.learner.examples_learned % self.config.timeline_every != 0:
+            self._add_timeline_row(self._last_decided_at)
         return result
 
     def _on_impression(self, impression: Impression) -> None:
@@ -150,15 +152,15 @@ class Replay:
                 result.positive_delays.append(example.label_delay_seconds)
             if self._on_example is not None:
                 self._on_example(example)
+            self._last_decided_at = example.decided_at.timestamp()
             if self.learner.examples_learned % self.config.timeline_every == 0:
-                self._add_timeline_row(example.decided_at.timestamp())
+                self._add_timeline_row(self._last_decided_at)
 
-        self.machine.store.acknowledge(REPLAY_PARTITION, [example.dedup_key for example in examples])
+        keys = [example.dedup_key for example in examples]
+        self.machine.store.acknowledge(REPLAY_PARTITION, keys)
 
-    def _add_timeline_row(self, event_time: float | None = None) -> None:
+    def _add_timeline_row(self, event_time: float | None) -> None:
         evaluation = self.learner.evaluation
-        if event_time is None:
-            event_time = self.result.last_event_time
         row: dict[str, Any] = {
             "event_time": event_time,
             "examples": self.learner.examples_learned,

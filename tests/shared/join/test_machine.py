@@ -47,20 +47,20 @@ class Case:
     flush: bool = False
 
 
-O = JoinOutcome
+Outcome = JoinOutcome
 CASES = [
     Case(
         "click inside window is positive at once",
         [("i", "i1", 0), ("c", "i1", 10)],
         [("i1", 1, "click")],
-        {O.CLICK_ATTRIBUTED: 1},
+        {Outcome.CLICK_ATTRIBUTED: 1},
         pending=0,
     ),
     Case(
         "window closes when watermark reaches deadline",
         [("i", "i1", 0), ("i", "i2", 659), ("i", "i3", 660)],
         [("i1", 0, "window_closed")],
-        {O.WINDOW_CLOSED: 1, O.IMPRESSION_OPENED: 3},
+        {Outcome.WINDOW_CLOSED: 1, Outcome.IMPRESSION_OPENED: 3},
         pending=2,
     ),
     Case(
@@ -73,86 +73,86 @@ CASES = [
         "duplicate impression first wins",
         [("i", "i1", 0), ("i", "i1", 5), ("c", "i1", 10)],
         [("i1", 1, "click")],
-        {O.IMPRESSION_DUPLICATE: 1, O.IMPRESSION_OPENED: 1},
+        {Outcome.IMPRESSION_DUPLICATE: 1, Outcome.IMPRESSION_OPENED: 1},
     ),
     Case(
         "duplicate click first wins",
         [("i", "i1", 0), ("c", "i1", 10), ("c", "i1", 12)],
         [("i1", 1, "click")],
-        {O.CLICK_DUPLICATE: 1, O.CLICK_ATTRIBUTED: 1},
+        {Outcome.CLICK_DUPLICATE: 1, Outcome.CLICK_ATTRIBUTED: 1},
     ),
     Case(
         "no early negative",
         [("i", "i1", 0), ("i", "i2", 500), ("c", "i1", 590), ("i", "i3", 655), ("i", "i4", 700)],
         [("i1", 1, "click")],
-        {O.WINDOW_CLOSED: 0},
+        {Outcome.WINDOW_CLOSED: 0},
         pending=3,
     ),
     Case(
         "late click dropped and counted",
         [("i", "i1", 0), ("i", "i2", 700), ("c", "i1", 300)],
         [("i1", 0, "window_closed")],
-        {O.CLICK_LATE: 1, O.CORRECTION_EMITTED: 0},
+        {Outcome.CLICK_LATE: 1, Outcome.CORRECTION_EMITTED: 0},
     ),
     Case(
         "late click corrected",
         [("i", "i1", 0), ("i", "i2", 700), ("c", "i1", 300)],
         [("i1", 0, "window_closed"), ("i1", 1, "late_click_correction")],
-        {O.CLICK_LATE: 1, O.CORRECTION_EMITTED: 1},
+        {Outcome.CLICK_LATE: 1, Outcome.CORRECTION_EMITTED: 1},
         settings={"late_click_policy": "correct"},
     ),
     Case(
         "second late click is a duplicate",
         [("i", "i1", 0), ("i", "i2", 700), ("c", "i1", 300), ("c", "i1", 301)],
         [("i1", 0, "window_closed"), ("i1", 1, "late_click_correction")],
-        {O.CLICK_LATE: 1, O.CLICK_DUPLICATE: 1, O.CORRECTION_EMITTED: 1},
+        {Outcome.CLICK_LATE: 1, Outcome.CLICK_DUPLICATE: 1, Outcome.CORRECTION_EMITTED: 1},
         settings={"late_click_policy": "correct"},
     ),
     Case(
         "click after window while pending decides negative then late",
         [("i", "i1", 0), ("i", "i2", 620), ("c", "i1", 610)],
         [("i1", 0, "window_closed")],
-        {O.CLICK_LATE: 1, O.WINDOW_CLOSED: 1},
+        {Outcome.CLICK_LATE: 1, Outcome.WINDOW_CLOSED: 1},
         pending=1,
     ),
     Case(
         "orphan click matched by later impression",
         [("c", "i1", 5), ("i", "i1", 0)],
         [("i1", 1, "click")],
-        {O.CLICK_HELD: 1, O.CLICK_ORPHAN_MATCHED: 1, O.CLICK_ATTRIBUTED: 1},
+        {Outcome.CLICK_HELD: 1, Outcome.CLICK_ORPHAN_MATCHED: 1, Outcome.CLICK_ATTRIBUTED: 1},
         pending=0,
     ),
     Case(
         "orphan click expires when watermark passes it",
         [("c", "i9", 5), ("i", "i2", 64), ("i", "i3", 66)],
         [],
-        {O.CLICK_HELD: 1, O.CLICK_ORPHAN_EXPIRED: 1},
+        {Outcome.CLICK_HELD: 1, Outcome.CLICK_ORPHAN_EXPIRED: 1},
         pending=2,
     ),
     Case(
         "orphan click behind watermark expires at once",
         [("i", "i2", 700), ("c", "i9", 5)],
         [],
-        {O.CLICK_HELD: 0, O.CLICK_ORPHAN_EXPIRED: 1},
+        {Outcome.CLICK_HELD: 0, Outcome.CLICK_ORPHAN_EXPIRED: 1},
     ),
     Case(
         "click before its impression time is ignored",
         [("i", "i1", 100), ("c", "i1", 50), ("i", "i2", 800)],
         [("i1", 0, "window_closed")],
-        {O.CLICK_BEFORE_IMPRESSION: 1},
+        {Outcome.CLICK_BEFORE_IMPRESSION: 1},
     ),
     Case(
         "impression behind closed window is negative at once",
         [("i", "i2", 700), ("i", "i1", 0)],
         [("i1", 0, "window_closed")],
-        {O.IMPRESSION_AFTER_WINDOW: 1},
+        {Outcome.IMPRESSION_AFTER_WINDOW: 1},
         pending=1,
     ),
     Case(
         "forgotten impression makes click an orphan",
         [("i", "i1", 0), ("i", "i2", 1300), ("c", "i1", 100)],
         [("i1", 0, "window_closed")],
-        {O.CLICK_ORPHAN_EXPIRED: 1, O.CLICK_LATE: 0},
+        {Outcome.CLICK_ORPHAN_EXPIRED: 1, Outcome.CLICK_LATE: 0},
     ),
     Case(
         "end of input flushes open windows",
@@ -165,7 +165,7 @@ CASES = [
         "every key expires scenario",
         [("i", "i1", 0), ("c", "i1", 10), ("c", "i1", 12), ("i", "i2", 700), ("i", "i9", 1400)],
         [("i1", 1, "click"), ("i2", 0, "window_closed")],
-        {O.CLICK_DUPLICATE: 1},
+        {Outcome.CLICK_DUPLICATE: 1},
         pending=1,
     ),
     Case(
