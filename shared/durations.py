@@ -9,7 +9,7 @@ _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
 
 def parse_duration(text: str) -> float:
-    """Return the number of seconds in ``text``: a plain number of seconds or parts like ``1h30m``."""
+    """Return the seconds in ``text``: a plain number of seconds, or parts like ``1h30m``."""
     text = text.strip()
     try:
         seconds = float(text)

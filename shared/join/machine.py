@@ -103,7 +103,9 @@ class _Batch:
         self.records = state.records
         self.held = state.held_clicks
         self.max_event_time = state.max_event_time
-        self.watermark = -math.inf if state.max_event_time is None else state.max_event_time - self.lateness
+        self.watermark = (
+            -math.inf if state.max_event_time is None else state.max_event_time - self.lateness
+        )
         self.change = ChangeSet(max_event_time=state.max_event_time)
         self.counts: Counter[JoinOutcome] = Counter()
         # (timer, sequence, kind, id): the sequence keeps firing order stable
@@ -144,7 +146,9 @@ class _Batch:
         self.change.held_deletes.add(impression_id)
         return click
 
-    def _emit(self, impression: Impression, label: int, source: LabelSource, decided_at: float) -> None:
+    def _emit(
+        self, impression: Impression, label: int, source: LabelSource, decided_at: float
+    ) -> None:
         self.change.emitted.append(
             LabeledExample(
                 impression=impression,

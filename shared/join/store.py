@@ -165,7 +165,9 @@ class InMemoryJoinStore:
                 held[impression_id] = copy.copy(click)
 
         stored_max = part.max_event_time
-        new_max = batch_max_event_time if stored_max is None else max(stored_max, batch_max_event_time)
+        new_max = (
+            batch_max_event_time if stored_max is None else max(stored_max, batch_max_event_time)
+        )
         watermark = new_max - allowed_lateness_seconds
         for _, kind, impression_id in part.timers.irange(maximum=(watermark, 2, "")):
             if kind == 0:

@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from river import base, compose
 
 from shared.events import Impression, LabeledExample, LabelSource
-from shared.learn.models import BASELINE_MODEL, DEFAULT_MODEL, ScoringLogisticRegression, build_model
+from shared.learn.models import (
+    BASELINE_MODEL,
+    DEFAULT_MODEL,
+    ScoringLogisticRegression,
+    build_model,
+)
 from shared.metrics.evaluation import ProgressiveEvaluation
 
 logger = logging.getLogger(__name__)

@@ -137,7 +137,5 @@ def build_model(name: str, **params: object) -> base.Classifier:
     """Build a fresh model from the registry by name."""
     spec = REGISTRY.get(name)
     if spec is None:
-        raise ConfigError(
-            f"unknown model {name!r}; choose one of: {', '.join(sorted(REGISTRY))}"
-        )
+        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(sorted(REGISTRY))}")
     return spec.build(**params)

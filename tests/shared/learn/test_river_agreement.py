@@ -40,7 +40,13 @@ def delayed_stream(seed: int, impressions: int):
         delay = WINDOW
         if clicked:
             delay = rng.uniform(0.5, WINDOW - 1.0)
-            timed.append((event_time + delay, 1, Click(impression_id=f"i{index}", event_time=event_time + delay)))
+            timed.append(
+                (
+                    event_time + delay,
+                    1,
+                    Click(impression_id=f"i{index}", event_time=event_time + delay),
+                )
+            )
         river_rows.append((impression.learning_features(), clicked, event_time, delay))
     timed.sort(key=lambda entry: (entry[0], entry[1]))
     return [entry[2] for entry in timed], river_rows
@@ -73,7 +79,9 @@ def test_replay_log_loss_equals_river(model_name: str) -> None:
 
     served = result.evaluation.served["model"]
     assert served.count == len(rows)
-    assert served.loss_sum / served.count == pytest.approx(river_log_loss(model_name, rows), abs=1e-9)
+    assert served.loss_sum / served.count == pytest.approx(
+        river_log_loss(model_name, rows), abs=1e-9
+    )
 
 
 def test_agreement_stream_has_both_labels() -> None:

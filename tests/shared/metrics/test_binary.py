@@ -87,9 +87,7 @@ def test_rolling_window_forgets_old_examples() -> None:
     assert report.count == 3
     assert report.positives == 1
     assert report.auc == pytest.approx(1.0)
-    assert report.log_loss == pytest.approx(
-        (2 * -math.log(0.9) + -math.log(0.8)) / 3
-    )
+    assert report.log_loss == pytest.approx((2 * -math.log(0.9) + -math.log(0.8)) / 3)
 
 
 def test_empty_report_has_no_values() -> None:
