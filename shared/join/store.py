@@ -16,7 +16,6 @@ machine can fire them in order.
 
 from __future__ import annotations
 
-import copy
 import enum
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -51,6 +50,10 @@ class ImpressionRecord:
     state: RecordState
     timer: float
 
+    def copy(self) -> ImpressionRecord:
+        """Return a copy that shares the impression, which nothing mutates."""
+        return ImpressionRecord(self.impression, self.state, self.timer)
+
 
 @dataclass(slots=True)
 class HeldClick:
@@ -58,6 +61,10 @@ class HeldClick:
 
     click_time: float
     hold_until: float
+
+    def copy(self) -> HeldClick:
+        """Return a copy."""
+        return HeldClick(self.click_time, self.hold_until)
 
 
 @dataclass(slots=True)
@@ -159,10 +166,10 @@ class InMemoryJoinStore:
         for impression_id in impression_ids:
             record = part.records.get(impression_id)
             if record is not None:
-                records[impression_id] = copy.copy(record)
+                records[impression_id] = record.copy()
             click = part.held_clicks.get(impression_id)
             if click is not None:
-                held[impression_id] = copy.copy(click)
+                held[impression_id] = click.copy()
 
         stored_max = part.max_event_time
         new_max = (
@@ -171,9 +178,9 @@ class InMemoryJoinStore:
         watermark = new_max - allowed_lateness_seconds
         for _, kind, impression_id in part.timers.irange(maximum=(watermark, 2, "")):
             if kind == 0:
-                records.setdefault(impression_id, copy.copy(part.records[impression_id]))
+                records.setdefault(impression_id, part.records[impression_id].copy())
             else:
-                held.setdefault(impression_id, copy.copy(part.held_clicks[impression_id]))
+                held.setdefault(impression_id, part.held_clicks[impression_id].copy())
 
         return PartitionState(stored_max, records, held)
 
@@ -191,7 +198,7 @@ class InMemoryJoinStore:
             if old is not None:
                 part.timers.discard((old.timer, 0, impression_id))
                 part.pending -= old.state == RecordState.PENDING
-            part.records[impression_id] = copy.copy(record)
+            part.records[impression_id] = record.copy()
             part.timers.add((record.timer, 0, impression_id))
             part.pending += record.state == RecordState.PENDING
 
@@ -203,7 +210,7 @@ class InMemoryJoinStore:
             old_click = part.held_clicks.get(impression_id)
             if old_click is not None:
                 part.timers.discard((old_click.hold_until, 1, impression_id))
-            part.held_clicks[impression_id] = copy.copy(click)
+            part.held_clicks[impression_id] = click.copy()
             part.timers.add((click.hold_until, 1, impression_id))
 
         for example in change.emitted:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,37 +147,37 @@ class BinaryMetrics:
 
 
 class RollingBinaryMetrics:
-    """The same metrics over the last ``window`` examples."""
+    """The same metrics over the last ``window`` examples, kept in a ring buffer."""
 
     def __init__(self, window: int) -> None:
         if window < 1:
             raise ValueError(f"rolling window must be at least 1 example, got {window}")
         self.window = window
-        self._entries: deque[tuple[float, int, float]] = deque()
-        self.positives = 0
-        self.loss_sum = 0.0
-        self.prediction_sum = 0.0
+        self._scores = np.zeros(window)
+        self._labels = np.zeros(window, dtype=np.int8)
+        self._losses = np.zeros(window)
+        self._next = 0
+        self._count = 0
 
     def update(self, probability: float, label: int, loss: float | None = None) -> None:
-        """Add one prediction and its label, dropping the oldest beyond the window."""
+        """Add one prediction and its label, replacing the oldest beyond the window."""
         if loss is None:
             loss = log_loss_one(probability, label)
-        self._entries.append((probability, label, loss))
-        self.positives += label
-        self.loss_sum += loss
-        self.prediction_sum += probability
-        if len(self._entries) > self.window:
-            old_probability, old_label, old_loss = self._entries.popleft()
-            self.positives -= old_label
-            self.loss_sum -= old_loss
-            self.prediction_sum -= old_probability
+        index = self._next
+        self._scores[index] = probability
+        self._labels[index] = label
+        self._losses[index] = loss
+        self._next = (index + 1) % self.window
+        if self._count < self.window:
+            self._count += 1
 
     def report(self) -> BinaryReport:
-        """Return the metrics over the window, recomputing sums to shed rounding drift."""
-        count = len(self._entries)
+        """Return the metrics over the window."""
+        count = self._count
         if count == 0:
             return _report(0, 0, 0.0, 0.0, None)
-        values = np.array(self._entries, dtype=float)
-        scores, labels, losses = values[:, 0], values[:, 1], values[:, 2]
+        scores, labels = self._scores[:count], self._labels[:count]
         auc = roc_auc(scores, labels)
-        return _report(count, int(labels.sum()), float(losses.sum()), float(scores.sum()), auc)
+        return _report(
+            count, int(labels.sum()), float(self._losses[:count].sum()), float(scores.sum()), auc
+        )
