@@ -32,14 +32,21 @@ class ScoringLogisticRegression(linear_model.LogisticRegression):
 
     last_learn_probability: float | None = None
     _last_raw: float = 0.0
+    _learning: bool = False
 
     def _raw_dot_one(self, x: dict) -> float:
         raw = super()._raw_dot_one(x)
-        self._last_raw = raw
+        # Only the learning path records it: scoring must never write to the model.
+        if self._learning:
+            self._last_raw = raw
         return raw
 
     def learn_one(self, x, y, w=1.0):  # noqa: D102 - River's signature
-        super().learn_one(x, y, w)
+        self._learning = True
+        try:
+            super().learn_one(x, y, w)
+        finally:
+            self._learning = False
         self.last_learn_probability = self.loss.mean_func(self._last_raw)
 
 
