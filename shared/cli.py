@@ -309,11 +309,186 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# Live pipeline.
+
+
+def _add_produce(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "produce",
+        help="publish a recorded stream into the impressions and clicks topics",
+        description=(
+            "Publish a recorded stream into Kafka in event-time order, keyed by impression_id. "
+            "Connection settings come from ONLINE_CTR_* variables (see `online-ctr settings`)."
+        ),
+    )
+    parser.add_argument(
+        "--events", type=Path, required=True, metavar="PATH", help="recorded stream"
+    )
+    parser.add_argument(
+        "--speed",
+        type=float,
+        default=None,
+        metavar="X",
+        help="pace at X times real time, e.g. 60 for an hour per minute (default: as fast as possible)",
+    )
+    parser.add_argument(
+        "--max-skew",
+        type=_duration,
+        default=30.0,
+        metavar="DURATION",
+        help="event-time skew allowed between the two topics before waiting for acknowledgements; "
+        "keep it below the joiner's allowed lateness (default: 30s)",
+    )
+    parser.set_defaults(handler=_run_produce)
+
+
+def _run_produce(args: argparse.Namespace) -> int:
+    from shared.kafka import make_producer, wait_for_kafka
+    from shared.settings import ServiceSettings, load_settings
+    from shared.streams.produce import produce_events
+    from shared.streams.recorded import read_events
+
+    settings = load_settings(ServiceSettings)
+    wait_for_kafka(settings)
+    producer = make_producer(settings)
+    try:
+        summary = produce_events(
+            producer,
+            read_events(args.events),
+            settings.topic_impressions,
+            settings.topic_clicks,
+            speed=args.speed,
+            max_skew_seconds=args.max_skew,
+        )
+    finally:
+        producer.close()
+    print(summary)
+    return 0
+
+
+def _add_topics(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("topics", help="manage the pipeline's Kafka topics")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser(
+        "create",
+        help="create the impressions, clicks, examples and dead-letter topics",
+        description="Create every topic the pipeline uses; existing topics are left alone.",
+    )
+    create.add_argument(
+        "--partitions", type=int, default=4, help="partitions of the data topics (default: 4)"
+    )
+    create.add_argument(
+        "--replication-factor", type=int, default=1, help="replicas per partition (default: 1)"
+    )
+    create.set_defaults(handler=_run_topics_create)
+
+
+def _run_topics_create(args: argparse.Namespace) -> int:
+    from kafka import KafkaConsumer
+
+    from shared.kafka import (
+        check_copartitioned,
+        client_config,
+        create_topics,
+        make_admin,
+        pipeline_topics,
+        wait_for_kafka,
+    )
+    from shared.settings import ServiceSettings, load_settings
+
+    settings = load_settings(ServiceSettings)
+    wait_for_kafka(settings)
+    admin = make_admin(settings)
+    try:
+        created = create_topics(
+            admin, pipeline_topics(settings, args.partitions, args.replication_factor)
+        )
+    finally:
+        admin.close()
+    consumer = KafkaConsumer(**client_config(settings))
+    try:
+        check_copartitioned(consumer, settings.topic_impressions, settings.topic_clicks)
+    finally:
+        consumer.close()
+    print(f"created: {', '.join(created) or 'nothing, all topics exist'}")
+    return 0
+
+
+def _add_service(
+    commands: argparse._SubParsersAction,
+    name: str,
+    help_text: str,
+    module: str,
+    settings_class: str,
+) -> None:
+    parser = commands.add_parser(
+        name,
+        help=help_text,
+        description=f"{help_text[0].upper()}{help_text[1:]}. Settings come from ONLINE_CTR_* "
+        f"environment variables; `online-ctr settings {name}` lists them.",
+    )
+    parser.set_defaults(handler=_run_service, module=module, settings_class=settings_class)
+
+
+def _run_service(args: argparse.Namespace) -> int:
+    import importlib
+
+    from shared.settings import load_settings
+
+    settings_module, class_name = args.settings_class.rsplit(":", 1)
+    settings_class = getattr(importlib.import_module(settings_module), class_name)
+    settings = load_settings(settings_class)
+    return importlib.import_module(args.module).run(settings)
+
+
+SERVICES = {
+    "joiner": (
+        "join impressions and clicks from Kafka into labelled examples",
+        "services.joiner.main",
+        "services.joiner.settings:JoinerSettings",
+    ),
+    "trainer": (
+        "learn from labelled examples and publish signed model snapshots",
+        "services.trainer.main",
+        "services.trainer.settings:TrainerSettings",
+    ),
+}
+
+
+def _add_services(commands: argparse._SubParsersAction) -> None:
+    for name, (help_text, module, settings_class) in SERVICES.items():
+        _add_service(commands, name, help_text, module, settings_class)
+
+
+def _add_settings(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "settings",
+        help="list a service's ONLINE_CTR_* settings with defaults",
+        description="List the environment variables a service reads, with defaults.",
+    )
+    parser.add_argument("service", choices=sorted(SERVICES), help="service name")
+    parser.set_defaults(handler=_run_settings)
+
+
+def _run_settings(args: argparse.Namespace) -> int:
+    import importlib
+
+    from shared.settings import describe_settings
+
+    settings_module, class_name = SERVICES[args.service][2].rsplit(":", 1)
+    print(describe_settings(getattr(importlib.import_module(settings_module), class_name)))
+    return 0
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_replay,
     _add_import,
     _add_generate,
     _add_models,
+    _add_produce,
+    _add_topics,
+    _add_services,
+    _add_settings,
 ]
 
 

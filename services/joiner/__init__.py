@@ -1,0 +1,1 @@
+"""The joiner service: impressions and clicks from Kafka, labelled examples to Kafka."""

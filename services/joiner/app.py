@@ -1,0 +1,470 @@
+"""The joiner's consume-join-produce-commit loop.
+
+One joiner owns a set of partition numbers. For each it consumes the same
+partition of the impressions and clicks topics (they are co-partitioned and
+assigned together by the range assignor), merges the two by event time, runs
+the shared join state machine on a Redis store, and produces the decided
+examples. Each poll is one cycle:
+
+1. poll, parse, and send invalid records to the dead-letter topic;
+2. per partition, take the events that are safe to process in event-time
+   order and commit them through the join (state and outbox in one Redis call);
+3. produce the examples and wait for the broker's acknowledgement;
+4. acknowledge the outbox, then commit the consumer offsets.
+
+A crash anywhere re-runs the cycle from the last committed offsets. The join
+turns replayed events into counted duplicates, and examples emitted but not
+acknowledged are produced again from the outbox, so delivery is at least once
+and the trainer removes the duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import redis
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from services.joiner.metrics import JoinerMetrics
+from services.joiner.settings import JoinerSettings
+from shared.clock import Clock, SystemClock
+from shared.errors import InvalidEventError
+from shared.events import Click, Impression, LabeledExample, encode, parse_click, parse_impression
+from shared.join import JoinStateMachine, JoinStore
+from shared.kafka import DeadLetterSink
+
+logger = logging.getLogger(__name__)
+
+IMPRESSIONS, CLICKS = 0, 1
+
+
+@dataclass(slots=True)
+class _Buffered:
+    event: Impression | Click
+    offset: int
+
+
+@dataclass
+class _PartitionBuffers:
+    """Parsed events of one partition number, per side, waiting to be merged by event time."""
+
+    sides: tuple[deque[_Buffered], deque[_Buffered]] = field(
+        default_factory=lambda: (deque(), deque())
+    )
+    # The next offset to commit per side: everything before it is handled.
+    next_offset: list[int | None] = field(default_factory=lambda: [None, None])
+    idle_since: float | None = None
+
+    def mark_handled(self, side: int, offset: int) -> None:
+        """Record that the record at ``offset`` needs no more work."""
+        current = self.next_offset[side]
+        self.next_offset[side] = offset + 1 if current is None else max(current, offset + 1)
+
+    def commit_offset(self, side: int) -> int | None:
+        """Return the offset to commit: the first waiting record, or one past the last handled."""
+        queue = self.sides[side]
+        return queue[0].offset if queue else self.next_offset[side]
+
+
+class _RebalanceListener(ConsumerRebalanceListener):
+    def __init__(self, joiner: Joiner) -> None:
+        self.joiner = joiner
+
+    def on_partitions_revoked(self, revoked):
+        self.joiner.on_revoked(revoked)
+
+    def on_partitions_assigned(self, assigned):
+        self.joiner.on_assigned(assigned)
+
+
+class Joiner:
+    """The joiner loop; ``run`` returns when ``stop`` is set and the current cycle is committed."""
+
+    def __init__(
+        self,
+        settings: JoinerSettings,
+        consumer: KafkaConsumer,
+        producer: KafkaProducer,
+        store: JoinStore,
+        metrics: JoinerMetrics,
+        clock: Clock | None = None,
+    ) -> None:
+        self.settings = settings
+        self.consumer = consumer
+        self.producer = producer
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock or SystemClock()
+        self.machine = JoinStateMachine(store, settings.join_settings(), self.clock)
+        self.dead_letters = DeadLetterSink(producer, settings.topic_dead_letter)
+        self.topics = (settings.topic_impressions, settings.topic_clicks)
+        self.buffers: dict[int, _PartitionBuffers] = {}
+        self.paused: set[TopicPartition] = set()
+        self.outbox_dirty: set[int] = set()
+        self._redis_backoff_until = 0.0
+        self._redis_failures = 0
+
+    # Life cycle.
+
+    def subscribe(self) -> None:
+        """Subscribe to both input topics with the rebalance listener."""
+        self.consumer.subscribe(list(self.topics), listener=_RebalanceListener(self))
+
+    def run(self, stop: threading.Event) -> None:
+        """Run cycles until ``stop`` is set."""
+        logger.info(
+            "Joiner started: topics %s and %s, group %s",
+            *self.topics,
+            self.settings.group_id,
+        )
+        while not stop.is_set():
+            self.run_cycle()
+        logger.info("Joiner stopping")
+
+    def close(self) -> None:
+        """Leave the group and flush the producer."""
+        try:
+            self.producer.flush(timeout=10)
+        except KafkaError as error:
+            logger.warning("Producer flush at shutdown failed: %s", error)
+        self.consumer.close()
+        self.producer.close(timeout=10)
+
+    def on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        """Drop buffered, unprocessed events of revoked partitions; the next owner re-reads them."""
+        for tp in revoked:
+            self.buffers.pop(tp.partition, None)
+            self.paused.discard(tp)
+        logger.info(
+            "Partitions revoked: %s", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked)
+        )
+
+    def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        """Produce again whatever a previous owner emitted but never saw acknowledged."""
+        partitions = sorted({tp.partition for tp in assigned if tp.topic in self.topics})
+        logger.info("Partitions assigned: %s", partitions)
+        self.outbox_dirty.update(partitions)
+
+    # One cycle.
+
+    def run_cycle(self) -> None:
+        """Poll once, join what is ready, produce, and commit."""
+        started = time.perf_counter()
+        records = self.consumer.poll(
+            timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_poll_records
+        )
+
+        for tp, batch in records.items():
+            self._buffer(tp, batch)
+        self._update_pauses()
+
+        if self.clock.monotonic() < self._redis_backoff_until:
+            return
+        try:
+            self._recover_outboxes()
+            examples, joined = self._join_ready()
+            examples += self._advance_idle()
+        except redis.exceptions.RedisError as error:
+            self._on_redis_failure(error)
+            return
+
+        if not self._deliver(examples):
+            return
+        self._commit()
+        self._update_gauges()
+        if records or joined:
+            self.metrics.batch_duration.observe(time.perf_counter() - started)
+
+    def _buffer(self, tp: TopicPartition, batch) -> None:
+        side = IMPRESSIONS if tp.topic == self.topics[IMPRESSIONS] else CLICKS
+        parse = parse_impression if side == IMPRESSIONS else parse_click
+        buffers = self.buffers.setdefault(tp.partition, _PartitionBuffers())
+        queue = buffers.sides[side]
+        self.metrics.events_consumed.labels(topic=tp.topic).inc(len(batch))
+
+        for record in batch:
+            try:
+                event = self._parse(parse, record)
+            except InvalidEventError as error:
+                self._dead_letter(tp, record, error)
+                buffers.mark_handled(side, record.offset)
+                continue
+            queue.append(_Buffered(event, record.offset))
+
+    @staticmethod
+    def _parse(parse, record) -> Impression | Click:
+        if record.value is None:
+            raise InvalidEventError(
+                "$", None, "must not be null (tombstones are not events)", code="null"
+            )
+        event = parse(record.value)
+        key = record.key.decode(errors="replace") if record.key is not None else None
+        if key != event.impression_id:
+            raise InvalidEventError(
+                "impression_id",
+                event.impression_id,
+                f"must equal the record key {key!r}, which decides the partition",
+                hint="produce impressions and clicks keyed by impression_id",
+                code="key_mismatch",
+            )
+        return event
+
+    def _dead_letter(self, tp: TopicPartition, record, error: InvalidEventError) -> None:
+        self.dead_letters.send(
+            record.value,
+            error.reason,
+            str(error),
+            tp.topic,
+            tp.partition,
+            record.offset,
+            record.key,
+        )
+        self.metrics.dead_lettered.labels(topic=tp.topic, reason=error.reason).inc()
+        logger.debug("Dead-lettered %s/%d@%d: %s", tp.topic, tp.partition, record.offset, error)
+
+    def _is_caught_up(self, tp: TopicPartition) -> bool:
+        """Return True when every record visible on the broker for ``tp`` has been polled."""
+        highwater = self.consumer.highwater(tp)
+        if highwater is None:
+            return False
+        return self.consumer.position(tp) >= highwater
+
+    def _take_ready(
+        self, partition: int, buffers: _PartitionBuffers
+    ) -> list[tuple[int, _Buffered]]:
+        """Return the events safe to process now, in event-time order, without removing them.
+
+        The head of each side is compared and the earlier one taken. When one
+        side is empty, the other goes on only if the empty side has nothing
+        more on the broker; otherwise an impression could close its window
+        before the click that was already produced for it is read.
+        """
+        impressions, clicks = buffers.sides
+        caught_up = [self._is_caught_up(TopicPartition(topic, partition)) for topic in self.topics]
+        ready: list[tuple[int, _Buffered]] = []
+        i = c = 0
+        while True:
+            has_impression, has_click = i < len(impressions), c < len(clicks)
+            if has_impression and has_click:
+                take_click = clicks[c].event.ts < impressions[i].event.ts
+            elif has_impression and caught_up[CLICKS]:
+                take_click = False
+            elif has_click and caught_up[IMPRESSIONS]:
+                take_click = True
+            else:
+                break
+            if take_click:
+                ready.append((CLICKS, clicks[c]))
+                c += 1
+            else:
+                ready.append((IMPRESSIONS, impressions[i]))
+                i += 1
+        return ready
+
+    def _join_ready(self) -> tuple[list[tuple[int, LabeledExample]], int]:
+        examples: list[tuple[int, LabeledExample]] = []
+        joined = 0
+        for partition, buffers in list(self.buffers.items()):
+            ready = self._take_ready(partition, buffers)
+            if not ready:
+                continue
+
+            result = self.machine.process(partition, [entry.event for _, entry in ready])
+
+            for side, entry in ready:
+                buffers.sides[side].popleft()
+                buffers.mark_handled(side, entry.offset)
+            buffers.idle_since = None
+            joined += len(ready)
+            examples += [(partition, example) for example in result.examples]
+            self._count(result.counts)
+        self._redis_failures = 0
+        return examples, joined
+
+    def _advance_idle(self) -> list[tuple[int, LabeledExample]]:
+        """Close the open windows of partitions that stayed caught up and quiet for the idle timeout.
+
+        Event time moves only with events, so a quiet partition would keep its
+        last windows open forever. After ``idle_timeout_seconds`` of processing
+        time with nothing new on either topic, its event time jumps forward by
+        the window plus the allowed lateness, which closes every window open at
+        that moment. A click that arrives later for one of them counts as late.
+        """
+        timeout = self.settings.idle_timeout_seconds
+        if timeout is None:
+            return []
+        examples: list[tuple[int, LabeledExample]] = []
+        now = self.clock.monotonic()
+        for partition, buffers in self.buffers.items():
+            quiet = not any(buffers.sides) and all(
+                self._is_caught_up(TopicPartition(topic, partition)) for topic in self.topics
+            )
+            if not quiet:
+                buffers.idle_since = None
+                continue
+            if buffers.idle_since is None:
+                buffers.idle_since = now
+                continue
+            if now - buffers.idle_since < timeout or self.store.pending_count(partition) == 0:
+                continue
+
+            max_event_time = self.store.max_event_time(partition)
+            if max_event_time is None:
+                continue
+            join = self.machine.settings
+            jump_to = max_event_time + join.window_seconds + join.allowed_lateness_seconds
+            logger.info(
+                "Partition %d idle for %.0f s; closing its open windows by moving event time "
+                "forward %.0f s",
+                partition,
+                now - buffers.idle_since,
+                jump_to - max_event_time,
+            )
+            result = self.machine.advance_to(partition, jump_to)
+            examples += [(partition, example) for example in result.examples]
+            self._count(result.counts)
+            buffers.idle_since = now
+        return examples
+
+    def _recover_outboxes(self) -> None:
+        """Produce the outbox of partitions just assigned or whose last delivery failed."""
+        for partition in sorted(self.outbox_dirty):
+            pending = self.store.outbox(partition)
+            if pending:
+                logger.info(
+                    "Producing %d unacknowledged examples of partition %d again",
+                    len(pending),
+                    partition,
+                )
+                futures = self._send(pending)
+                self.producer.flush(timeout=30)
+                for future in futures:
+                    future.get(timeout=0)
+                self.store.acknowledge(partition, [e.dedup_key for e in pending])
+            self.outbox_dirty.discard(partition)
+
+    def _send(self, examples: list[LabeledExample]) -> list:
+        futures = []
+        for example in examples:
+            futures.append(
+                self.producer.send(
+                    self.settings.topic_examples,
+                    key=example.impression.impression_id.encode(),
+                    value=encode(example),
+                )
+            )
+        return futures
+
+    def _deliver(self, examples: list[tuple[int, LabeledExample]]) -> bool:
+        """Produce examples, wait for the broker, then acknowledge the outbox; False on failure."""
+        futures = self._send([example for _, example in examples])
+        try:
+            self.producer.flush(timeout=30)
+            for future in futures:
+                future.get(timeout=0)
+        except KafkaError as error:
+            logger.warning(
+                "Producing %d examples failed (%s); will retry from the outbox",
+                len(examples),
+                error,
+            )
+            self.metrics.retries.labels(dependency="kafka").inc()
+            self.outbox_dirty.update(self.buffers)
+            return False
+
+        by_partition: dict[int, list[str]] = {}
+        for partition, example in examples:
+            by_partition.setdefault(partition, []).append(example.dedup_key)
+            self.metrics.examples_emitted.labels(
+                label=str(example.label), reason=example.label_source.value
+            ).inc()
+            self.metrics.label_delay.labels(label=str(example.label)).observe(
+                example.label_delay_seconds
+            )
+        try:
+            for partition, keys in by_partition.items():
+                if keys:
+                    self.store.acknowledge(partition, keys)
+        except redis.exceptions.RedisError as error:
+            # The examples are delivered; at worst they are produced again later.
+            logger.warning("Acknowledging the outbox failed (%s); duplicates may follow", error)
+            self.outbox_dirty.update(by_partition)
+        return True
+
+    def _commit(self) -> None:
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for partition, buffers in self.buffers.items():
+            for side, topic in enumerate(self.topics):
+                next_offset = buffers.commit_offset(side)
+                if next_offset is not None:
+                    offsets[TopicPartition(topic, partition)] = OffsetAndMetadata(
+                        next_offset, "", -1
+                    )
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets)
+        except CommitFailedError as error:
+            # The group rebalanced; the new owner re-reads from the last commit.
+            logger.warning("Offset commit failed after a rebalance: %s", error)
+        except KafkaError as error:
+            logger.warning("Offset commit failed: %s; the next cycle retries", error)
+            self.metrics.retries.labels(dependency="kafka").inc()
+
+    # Support.
+
+    def _count(self, counts) -> None:
+        for outcome, count in counts.items():
+            self.metrics.join_outcomes.labels(outcome=outcome.value).inc(count)
+
+    def _on_redis_failure(self, error: redis.exceptions.RedisError) -> None:
+        self._redis_failures += 1
+        delay = min(self.settings.retry_max_backoff_seconds, 0.5 * 2 ** (self._redis_failures - 1))
+        self._redis_backoff_until = self.clock.monotonic() + delay
+        self.metrics.retries.labels(dependency="redis").inc()
+        logger.warning(
+            "Redis failed (%s, attempt %d); nothing committed, retrying in %.1f s",
+            error,
+            self._redis_failures,
+            delay,
+        )
+
+    def _update_pauses(self) -> None:
+        limit = self.settings.buffer_max_records
+        for partition, buffers in self.buffers.items():
+            for side, topic in enumerate(self.topics):
+                tp = TopicPartition(topic, partition)
+                size = len(buffers.sides[side])
+                if size >= limit and tp not in self.paused:
+                    self.consumer.pause(tp)
+                    self.paused.add(tp)
+                elif size < limit // 2 and tp in self.paused:
+                    self.consumer.resume(tp)
+                    self.paused.discard(tp)
+
+    def _update_gauges(self) -> None:
+        now = self.clock.time()
+        for partition in self.buffers:
+            try:
+                self.metrics.pending_impressions.labels(partition=str(partition)).set(
+                    self.store.pending_count(partition)
+                )
+                watermark = self.machine.watermark(partition)
+            except redis.exceptions.RedisError:
+                return
+            if watermark is not None:
+                self.metrics.watermark_lag.labels(partition=str(partition)).set(now - watermark)
+            for topic in self.topics:
+                tp = TopicPartition(topic, partition)
+                highwater = self.consumer.highwater(tp)
+                if highwater is not None:
+                    lag = max(0, highwater - self.consumer.position(tp))
+                    self.metrics.consumer_lag.labels(topic=topic, partition=str(partition)).set(lag)

@@ -1,0 +1,132 @@
+"""Fixtures that run the services as real processes against the session's broker and Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.localstack import RedisServer, TansuBroker, create_topics, find_free_port
+
+# Group timing that converges in a few seconds on the test broker.
+FAST_GROUP_SETTINGS = {
+    "ONLINE_CTR_SESSION_TIMEOUT_MS": "3000",
+    "ONLINE_CTR_HEARTBEAT_INTERVAL_MS": "500",
+    "ONLINE_CTR_MAX_POLL_INTERVAL_MS": "30000",
+    "ONLINE_CTR_FETCH_MAX_WAIT_MS": "50",
+    "ONLINE_CTR_STARTUP_TIMEOUT_SECONDS": "30",
+}
+DATA_PARTITIONS = 4
+
+
+class ServiceProcess:
+    """One ``online-ctr <command>`` process with its own log file."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.command = command
+        self.env = env
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> ServiceProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", *self.command],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        return self
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """Send SIGTERM and wait; the service commits and leaves its group."""
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(5)
+
+    def kill(self) -> None:
+        """Send SIGKILL: no commit, no flush, no goodbye."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@pytest.fixture
+def pipeline_env(
+    kafka_broker: TansuBroker, redis_server: RedisServer, unique_name: str
+) -> dict[str, str]:
+    """Environment for the services: this test's own topics, group ids and Redis namespaces."""
+    topics = {
+        "ONLINE_CTR_TOPIC_IMPRESSIONS": f"{unique_name}-impressions",
+        "ONLINE_CTR_TOPIC_CLICKS": f"{unique_name}-clicks",
+        "ONLINE_CTR_TOPIC_EXAMPLES": f"{unique_name}-examples",
+        "ONLINE_CTR_TOPIC_DEAD_LETTER": f"{unique_name}-dead-letter",
+    }
+    create_topics(
+        kafka_broker.bootstrap,
+        {
+            topics["ONLINE_CTR_TOPIC_IMPRESSIONS"]: DATA_PARTITIONS,
+            topics["ONLINE_CTR_TOPIC_CLICKS"]: DATA_PARTITIONS,
+            topics["ONLINE_CTR_TOPIC_EXAMPLES"]: DATA_PARTITIONS,
+            topics["ONLINE_CTR_TOPIC_DEAD_LETTER"]: 1,
+        },
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith("ONLINE_CTR_")}
+    env.update(FAST_GROUP_SETTINGS)
+    env.update(topics)
+    env.update(
+        {
+            "ONLINE_CTR_KAFKA_BOOTSTRAP_SERVERS": kafka_broker.bootstrap,
+            "ONLINE_CTR_REDIS_URL": redis_server.url,
+            "ONLINE_CTR_GROUP_ID": f"{unique_name}-group",
+            "ONLINE_CTR_REDIS_NAMESPACE": f"{unique_name}:join",
+            "ONLINE_CTR_LOG_LEVEL": "INFO",
+        }
+    )
+    return env
+
+
+@pytest.fixture
+def start_service(tmp_path: Path) -> Iterator:
+    """Start ``online-ctr`` commands as processes; all are killed when the test ends."""
+    started: list[ServiceProcess] = []
+
+    def start(command: list[str], env: dict[str, str], name: str | None = None) -> ServiceProcess:
+        env = dict(env)
+        env.setdefault("ONLINE_CTR_METRICS_PORT", str(find_free_port()))
+        log_path = tmp_path / f"{name or command[0]}-{len(started)}.log"
+        service = ServiceProcess(command, env, log_path).start()
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.kill()
+
+
+def wait_until(condition, timeout: float, interval: float = 0.2, message: str = "") -> None:
+    """Poll ``condition`` until it returns true, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s: {message}")
