@@ -329,7 +329,7 @@ def _add_produce(commands: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         metavar="X",
-        help="pace at X times real time, e.g. 60 for an hour per minute (default: as fast as possible)",
+        help="pace at X times real time, e.g. 60 plays an hour per minute (default: unpaced)",
     )
     parser.add_argument(
         "--max-skew",

@@ -290,7 +290,7 @@ class Joiner:
         return examples, joined
 
     def _advance_idle(self) -> list[tuple[int, LabeledExample]]:
-        """Close the open windows of partitions that stayed caught up and quiet for the idle timeout.
+        """Close the open windows of partitions that stayed quiet for the idle timeout.
 
         Event time moves only with events, so a quiet partition would keep its
         last windows open forever. After ``idle_timeout_seconds`` of processing

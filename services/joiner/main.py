@@ -7,13 +7,12 @@ import logging
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from prometheus_client import CollectorRegistry
 
-from shared.join.redis_store import RedisJoinStore
-from shared.kafka import check_copartitioned, make_consumer, make_producer, wait_for_kafka
-from shared.service import install_stop_handlers, make_redis, start_metrics, wait_for_redis
-
 from services.joiner.app import Joiner
 from services.joiner.metrics import JoinerMetrics
 from services.joiner.settings import JoinerSettings
+from shared.join.redis_store import RedisJoinStore
+from shared.kafka import check_copartitioned, make_consumer, make_producer, wait_for_kafka
+from shared.service import install_stop_handlers, make_redis, start_metrics, wait_for_redis
 
 logger = logging.getLogger(__name__)
 
