@@ -33,7 +33,7 @@ import re
 import struct
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -184,6 +184,9 @@ class ModelBundle:
     model: base.Classifier
     baseline: base.Classifier
     model_name: str
+    # The trainer's consumer position when the bundle was taken, keyed by
+    # "topic/partition": a restarted trainer resumes exactly there.
+    source_offsets: dict[str, int] = field(default_factory=dict)
 
     def score(self, features: dict[str, Any]) -> tuple[float, float]:
         """Return the model's and the baseline's click probability, without learning.

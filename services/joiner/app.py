@@ -123,7 +123,7 @@ class Joiner:
         logger.info(
             "Joiner started: topics %s and %s, group %s",
             *self.topics,
-            self.settings.group_id,
+            self.settings.joiner_group_id,
         )
         while not stop.is_set():
             self.run_cycle()

@@ -25,7 +25,7 @@ def build_joiner(settings: JoinerSettings, registry: CollectorRegistry) -> Joine
 
     consumer = make_consumer(
         settings,
-        settings.group_id,
+        settings.joiner_group_id,
         # Range assignment gives one member the same partition number of
         # both co-partitioned topics; round robin would split them.
         partition_assignment_strategy=[RangePartitionAssignor],

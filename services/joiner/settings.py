@@ -11,7 +11,7 @@ from shared.settings import ServiceSettings
 class JoinerSettings(ServiceSettings):
     """Everything the joiner reads at start-up."""
 
-    group_id: str = "online-ctr-joiner"
+    joiner_group_id: str = "online-ctr-joiner"
     metrics_port: int = Field(default=9101, ge=0, le=65535)
 
     window_seconds: float = Field(default=600.0, gt=0)

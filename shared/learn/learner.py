@@ -35,16 +35,24 @@ class Scores:
     baseline: float
 
 
-def learn_and_score(model: base.Classifier, x: dict, y: bool) -> float:
+def learn_and_score(model: base.Classifier, x: dict, y: bool, weight: float = 1.0) -> float:
     """Learn one example and return the model's probability for it from just before learning."""
     final = model[-1] if isinstance(model, compose.Pipeline) else model
     if isinstance(final, ScoringLogisticRegression):
-        model.learn_one(x, y)
+        _learn(model, x, y, weight)
         assert final.last_learn_probability is not None
         return final.last_learn_probability
     probability = model.predict_proba_one(x).get(True, 0.0)
-    model.learn_one(x, y)
+    _learn(model, x, y, weight)
     return probability
+
+
+def _learn(model: base.Classifier, x: dict, y: bool, weight: float) -> None:
+    # Not every River model takes a weight; pass it only when it matters.
+    if weight == 1.0:
+        model.learn_one(x, y)
+    else:
+        model.learn_one(x, y, w=weight)
 
 
 class OnlineLearner:
@@ -71,21 +79,28 @@ class OnlineLearner:
             baseline=self.baseline.predict_proba_one(x).get(True, 0.0),
         )
 
-    def learn(self, example: LabeledExample, served: Scores | None) -> None:
+    def learn(self, example: LabeledExample, served: Scores | None, weight: float = 1.0) -> None:
         """Learn one example and add it to the metrics.
 
         ``served`` holds the scores from when the impression was served; None
         when they are unknown. A late-click correction is learned but not
         scored again: its impression was already scored at its first label.
+        ``weight`` is the example's importance for models that take one; the
+        baseline always learns with the same weight.
         """
         x = example.impression.learning_features()
         y = bool(example.label)
 
         prelearn = Scores(
-            model=learn_and_score(self.model, x, y),
-            baseline=learn_and_score(self.baseline, x, y),
+            model=learn_and_score(self.model, x, y, weight),
+            baseline=learn_and_score(self.baseline, x, y, weight),
         )
         self.examples_learned += 1
 
         if example.label_source != LabelSource.LATE_CLICK_CORRECTION:
             self.evaluation.update(example, served, prelearn)
+
+    def observe(self, example: LabeledExample, served: Scores | None) -> None:
+        """Add an example to the served-score metrics without learning it or scoring it again."""
+        if example.label_source != LabelSource.LATE_CLICK_CORRECTION:
+            self.evaluation.update(example, served, None)

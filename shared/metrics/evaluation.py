@@ -38,11 +38,14 @@ class ProgressiveEvaluation:
         }
         self.unserved = 0
 
-    def update(self, example: LabeledExample, served: Scores | None, prelearn: Scores) -> None:
-        """Add one labelled example with its served and pre-learn scores."""
+    def update(
+        self, example: LabeledExample, served: Scores | None, prelearn: Scores | None
+    ) -> None:
+        """Add one labelled example with its served and pre-learn scores, either may be None."""
         label = example.label
-        self.prelearn["model"].update(prelearn.model, label)
-        self.prelearn["baseline"].update(prelearn.baseline, label)
+        if prelearn is not None:
+            self.prelearn["model"].update(prelearn.model, label)
+            self.prelearn["baseline"].update(prelearn.baseline, label)
         if served is None:
             self.unserved += 1
             return

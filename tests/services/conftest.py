@@ -96,7 +96,8 @@ def pipeline_env(
         {
             "ONLINE_CTR_KAFKA_BOOTSTRAP_SERVERS": kafka_broker.bootstrap,
             "ONLINE_CTR_REDIS_URL": redis_server.url,
-            "ONLINE_CTR_GROUP_ID": f"{unique_name}-group",
+            "ONLINE_CTR_JOINER_GROUP_ID": f"{unique_name}-joiner",
+            "ONLINE_CTR_TRAINER_GROUP_ID": f"{unique_name}-trainer",
             "ONLINE_CTR_REDIS_NAMESPACE": f"{unique_name}:join",
             "ONLINE_CTR_LOG_LEVEL": "INFO",
         }
@@ -122,11 +123,20 @@ def start_service(tmp_path: Path) -> Iterator:
         service.kill()
 
 
-def wait_until(condition, timeout: float, interval: float = 0.2, message: str = "") -> None:
-    """Poll ``condition`` until it returns true, or fail after ``timeout`` seconds."""
+def wait_until(
+    condition, timeout: float, interval: float = 0.2, message: str = "", services=()
+) -> None:
+    """Poll ``condition`` until it returns true, or fail after ``timeout`` seconds.
+
+    The failure message ends with the last log lines of each service given.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
         time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f} s: {message}")
+    logs = "".join(
+        f"\n--- {service.log_path.name} ---\n" + "\n".join(service.log().splitlines()[-30:])
+        for service in services
+    )
+    pytest.fail(f"timed out after {timeout:.0f} s: {message}{logs}")

@@ -1,0 +1,1 @@
+"""The trainer service: labelled examples from Kafka, signed model snapshots to Redis."""

@@ -1,0 +1,113 @@
+"""The live pipeline, joiner and trainer, against a real broker and Redis.
+
+The set of (impression_id, label) that reaches the trainer after
+de-duplication must equal what offline replay decides from the same file, and
+stopping both services mid-stream must neither lose an example nor let the
+model learn one twice.
+"""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from shared.registry import ModelRegistry
+from shared.snapshots import SigningKeys
+from tests.services.conftest import wait_until
+from tests.services.joiner.test_joiner_live import SAMPLE, produce, replay_labels
+
+pytestmark = pytest.mark.integration
+
+SIGNING_KEY = "k1:" + "ab" * 32
+SOURCE_LABELS = {"click": 1, "window_closed": 0, "late_click_correction": 1}
+
+
+@pytest.fixture
+def live_env(pipeline_env: dict[str, str], unique_name: str) -> dict[str, str]:
+    return {
+        **pipeline_env,
+        "ONLINE_CTR_IDLE_TIMEOUT_SECONDS": "2",
+        "ONLINE_CTR_SIGNING_KEYS": SIGNING_KEY,
+        "ONLINE_CTR_SIGNING_KEY_ID": "k1",
+        "ONLINE_CTR_REGISTRY_NAMESPACE": f"{unique_name}:models",
+        "ONLINE_CTR_DEDUP_NAMESPACE": f"{unique_name}:trainer",
+        "ONLINE_CTR_SNAPSHOT_EVERY_SECONDS": "1",
+        "ONLINE_CTR_SNAPSHOT_EVERY_EXAMPLES": "5000",
+    }
+
+
+def learned_labels(client: redis.Redis, namespace: str) -> set[tuple[str, int]]:
+    """Read the trainer's de-duplication markers: one per example that reached learning."""
+    labels = set()
+    prefix = f"{namespace}:seen:{{"
+    for key in client.scan_iter(match=f"{namespace}:seen:*", count=10_000):
+        dedup_key = key.decode()[len(prefix) : -1]
+        impression_id, source = dedup_key.rsplit("/", 1)
+        labels.add((impression_id, SOURCE_LABELS[source]))
+    return labels
+
+
+def newest_snapshot(client: redis.Redis, namespace: str):
+    registry = ModelRegistry(client, SigningKeys.parse(SIGNING_KEY, "k1"), namespace)
+    return registry.load_latest("champion")
+
+
+def test_replay_equals_live(live_env, start_service, redis_client) -> None:
+    expected = replay_labels(SAMPLE)
+    produce(SAMPLE, live_env)
+
+    joiner = start_service(["joiner"], live_env, name="joiner")
+    trainer = start_service(["trainer"], live_env, name="trainer")
+    namespace = live_env["ONLINE_CTR_DEDUP_NAMESPACE"]
+    wait_until(
+        lambda: (
+            len(learned_labels(redis_client, namespace)) >= len(expected)
+            or not (joiner.is_running() and trainer.is_running())
+        ),
+        timeout=240,
+        message="the trainer did not see every example",
+        services=(joiner, trainer),
+    )
+    assert trainer.stop() == 0, trainer.log()
+    assert joiner.stop() == 0, joiner.log()
+
+    assert learned_labels(redis_client, namespace) == expected
+    metadata, bundle = newest_snapshot(redis_client, live_env["ONLINE_CTR_REGISTRY_NAMESPACE"])
+    assert metadata.examples_seen == len(expected)
+    assert sum(bundle.source_offsets.values()) >= len(expected)
+
+
+def test_restart_mid_stream_loses_and_repeats_nothing(
+    live_env, start_service, redis_client
+) -> None:
+    expected = replay_labels(SAMPLE)
+    namespace = live_env["ONLINE_CTR_DEDUP_NAMESPACE"]
+    produce(SAMPLE, live_env)
+
+    joiner = start_service(["joiner"], live_env, name="joiner")
+    trainer = start_service(["trainer"], live_env, name="trainer")
+    wait_until(
+        lambda: len(learned_labels(redis_client, namespace)) >= 15_000,
+        timeout=180,
+        message="the trainer did not start learning",
+        services=(joiner, trainer),
+    )
+    assert joiner.stop() == 0, joiner.log()
+    assert trainer.stop() == 0, trainer.log()
+    seen_at_stop = len(learned_labels(redis_client, namespace))
+    assert seen_at_stop < len(expected)
+
+    joiner = start_service(["joiner"], live_env, name="joiner")
+    trainer = start_service(["trainer"], live_env, name="trainer")
+    wait_until(
+        lambda: len(learned_labels(redis_client, namespace)) >= len(expected),
+        timeout=240,
+        message="the restarted services did not finish the stream",
+        services=(joiner, trainer),
+    )
+    assert trainer.stop() == 0, trainer.log()
+    assert joiner.stop() == 0, joiner.log()
+
+    assert learned_labels(redis_client, namespace) == expected
+    metadata, _ = newest_snapshot(redis_client, live_env["ONLINE_CTR_REGISTRY_NAMESPACE"])
+    assert metadata.examples_seen == len(expected)
