@@ -40,7 +40,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shared.clock import Clock, SystemClock
 from shared.events import Click, Impression, LabeledExample, LabelSource
@@ -78,14 +78,15 @@ class JoinOutcome(enum.StrEnum):
 class JoinResult:
     """What one batch produced: examples in emission order, and outcome counts.
 
-    ``before_first_event`` is how many of the examples the watermark released
-    before the batch's first event was handled. Replay uses it with batches of
-    one event, to learn those examples before it scores the impression.
+    ``event_offsets[i]`` is how many examples had been emitted when event i
+    itself was handled, after the watermark its event time reached had
+    released what it could. Replay uses it to learn those examples before it
+    scores impression i, exactly as if events came one at a time.
     """
 
     examples: list[LabeledExample]
     counts: Counter[JoinOutcome]
-    before_first_event: int = 0
+    event_offsets: list[int] = field(default_factory=list)
 
 
 def _utc(seconds: float) -> dt.datetime:
@@ -300,17 +301,18 @@ class JoinStateMachine:
         )
         batch = _Batch(state, self.settings)
 
-        batch.advance(events[0].ts)
-        before_first_event = len(batch.change.emitted)
+        emitted = batch.change.emitted
+        offsets = []
         for event in events:
             batch.advance(event.ts)
+            offsets.append(len(emitted))
             if event.type == "impression":
                 batch.on_impression(event)
             else:
                 batch.on_click(event)
 
         self.store.commit(partition, batch.change)
-        return JoinResult(batch.change.emitted, batch.counts, before_first_event)
+        return JoinResult(emitted, batch.counts, offsets)
 
     def advance_to(self, partition: int, event_time: float) -> JoinResult:
         """Move a partition's maximum event time forward without an event.

@@ -8,10 +8,11 @@ each example is learned the moment the join decides its label.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,16 @@ from shared.streams.recorded import InvalidLine, read_events
 logger = logging.getLogger(__name__)
 
 REPLAY_PARTITION = 0
+# Events joined per call. Learning still follows event order inside a batch,
+# so the size changes speed, never results.
+REPLAY_BATCH_EVENTS = 512
+
+
+def _batched(items: Iterable, size: int) -> Iterator[tuple]:
+    # itertools.batched arrived in Python 3.12.
+    iterator = iter(items)
+    while batch := tuple(itertools.islice(iterator, size)):
+        yield batch
 
 
 class ReplayConfig(BaseModel):
@@ -101,35 +112,37 @@ class Replay:
 
     def replay(self, events: Iterable[Impression | Click]) -> ReplayResult:
         """Replay events in the order given, then flush; usable without a file."""
-        result = self.result
-        for event in events:
-            if result.first_event_time is None:
-                result.first_event_time = event.ts
-            result.last_event_time = event.ts
-            if event.type == "impression":
-                result.impressions += 1
-                self._on_impression(event)
-            else:
-                result.clicks += 1
-                self._learn_all(self.machine.process(REPLAY_PARTITION, [event]))
+        for batch in _batched(events, REPLAY_BATCH_EVENTS):
+            self._replay_batch(batch)
 
         self._learn_all(self.machine.flush(REPLAY_PARTITION))
         if self.learner.examples_learned % self.config.timeline_every != 0:
             self._add_timeline_row(self._last_decided_at)
-        return result
+        return self.result
 
-    def _on_impression(self, impression: Impression) -> None:
-        join_result = self.machine.process(REPLAY_PARTITION, [impression])
+    def _replay_batch(self, events: tuple[Impression | Click, ...]) -> None:
+        """Join a batch in one call, then serve and learn in the order events would have."""
+        result = self.result
+        if result.first_event_time is None:
+            result.first_event_time = events[0].ts
+        result.last_event_time = events[-1].ts
+
+        join_result = self.machine.process(REPLAY_PARTITION, events)
         examples = join_result.examples
-        released = join_result.before_first_event
-
-        # Examples whose labels the watermark released before this impression
-        # arrived are learned first; then the impression is served.
-        self._learn(examples[:released])
-        if impression.impression_id not in self._served:
-            self._served[impression.impression_id] = self.learner.score(impression)
-        self._learn(examples[released:])
-        self.result.join_counts.update(join_result.counts)
+        learned = 0
+        for event, offset in zip(events, join_result.event_offsets, strict=True):
+            if event.type != "impression":
+                result.clicks += 1
+                continue
+            result.impressions += 1
+            # Examples whose labels were decided before this impression
+            # arrived are learned first; then the impression is served.
+            self._learn(examples[learned:offset])
+            learned = offset
+            if event.impression_id not in self._served:
+                self._served[event.impression_id] = self.learner.score(event)
+        self._learn(examples[learned:])
+        result.join_counts.update(join_result.counts)
 
     def _learn_all(self, join_result) -> None:
         self._learn(join_result.examples)

@@ -261,10 +261,14 @@ def test_watermark_follows_max_event_time(make_machine) -> None:
     assert machine.watermark(0) == 940.0
 
 
-def test_released_before_first_event_counted(make_machine) -> None:
+def test_event_offsets_mark_examples_released_before_each_event(make_machine) -> None:
     machine = make_machine(allowed_lateness_seconds=0)
     machine.process(0, build_events([("i", "i1", 0)]))
 
-    result = machine.process(0, build_events([("i", "i2", 600)]))
+    result = machine.process(
+        0, build_events([("i", "i2", 600), ("c", "i2", 601), ("i", "i3", 1200)])
+    )
 
-    assert result.before_first_event == 1
+    emitted = [(e.impression.impression_id, e.label) for e in result.examples]
+    assert emitted == [("i1", 0), ("i2", 1)]
+    assert result.event_offsets == [1, 1, 2]
