@@ -8,8 +8,10 @@ each example is learned the moment the join decides its label.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -20,11 +22,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.clock import ManualClock
+from shared.errors import ConfigError
 from shared.events import Click, Impression, LabeledExample, LabelSource
 from shared.join import InMemoryJoinStore, JoinOutcome, JoinSettings, JoinStateMachine
 from shared.learn.learner import OnlineLearner, Scores
 from shared.learn.models import DEFAULT_MODEL, build_model
 from shared.metrics.evaluation import ProgressiveEvaluation
+from shared.snapshots import ModelBundle, SigningKeys, load_snapshot
 from shared.streams.recorded import InvalidLine, read_events
 
 logger = logging.getLogger(__name__)
@@ -51,6 +55,13 @@ class ReplayConfig(BaseModel):
     model: str = DEFAULT_MODEL
     join: JoinSettings = Field(default_factory=JoinSettings)
     segment_by: list[str] = Field(default_factory=list)
+    initial_snapshot: Path | None = Field(
+        default=None,
+        description=(
+            "Signed snapshot file to start from instead of an untrained model; it is "
+            "verified with the ONLINE_CTR_SIGNING_KEYS keys and never written back."
+        ),
+    )
     rolling_window: int = Field(default=10_000, ge=1, description="Examples in the rolling window.")
     timeline_every: int = Field(
         default=500, ge=1, description="Examples between two rows of the metrics timeline."
@@ -88,12 +99,23 @@ class Replay:
         config: ReplayConfig,
         on_example: Callable[[LabeledExample], None] | None = None,
         on_progress: Callable[[int], None] | None = None,
+        initial_bundle: ModelBundle | None = None,
     ) -> None:
         self.config = config
         self.machine = JoinStateMachine(InMemoryJoinStore(), config.join, ManualClock())
+        if initial_bundle is None and config.initial_snapshot is not None:
+            initial_bundle = load_snapshot_file(config.initial_snapshot)
+        if initial_bundle is not None:
+            # Learning must never reach the caller's objects: a second replay
+            # from the same bundle has to start from the same state.
+            model = copy.deepcopy(initial_bundle.model)
+            baseline = copy.deepcopy(initial_bundle.baseline)
+        else:
+            model, baseline = build_model(config.model), None
         self.learner = OnlineLearner(
             model_name=config.model,
-            model=build_model(config.model),
+            model=model,
+            baseline=baseline,
             evaluation=ProgressiveEvaluation(config.rolling_window, config.segment_by),
         )
         self.result = ReplayResult(config=config, evaluation=self.learner.evaluation)
@@ -188,6 +210,23 @@ class Replay:
             row[f"{arm}_rolling_auc"] = rolling.auc
             row[f"{arm}_rolling_calibration"] = rolling.calibration
         self.result.timeline.append(row)
+
+
+def load_snapshot_file(path: Path) -> ModelBundle:
+    """Load and verify a snapshot file with the keys in ONLINE_CTR_SIGNING_KEYS."""
+    keys_text = os.environ.get("ONLINE_CTR_SIGNING_KEYS")
+    key_id = os.environ.get("ONLINE_CTR_SIGNING_KEY_ID")
+    if not keys_text or not key_id:
+        raise ConfigError(
+            "replaying from a snapshot needs ONLINE_CTR_SIGNING_KEYS and "
+            "ONLINE_CTR_SIGNING_KEY_ID to verify it; set them to the trainer's keys"
+        )
+    try:
+        blob = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"cannot read snapshot file {str(path)!r}: {error}") from None
+    _, bundle = load_snapshot(blob, SigningKeys.parse(keys_text, key_id))
+    return bundle
 
 
 def run_replay(
