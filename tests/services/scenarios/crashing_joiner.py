@@ -1,10 +1,15 @@
-"""A joiner that kills itself with SIGKILL at a chosen point, for crash tests.
+"""A joiner that fails at a chosen point, for crash and stall tests.
 
-Usage: python -m tests.services.scenarios.crashing_joiner POINT, with POINT one of
-``before-deliver`` (the click is joined and its example is in the Redis
-outbox, nothing produced) or ``before-commit`` (the example is produced and
-acknowledged, the offsets are not committed). Settings come from the same
-ONLINE_CTR_* variables as ``online-ctr joiner``.
+Usage: python -m tests.services.scenarios.crashing_joiner POINT, with POINT one of:
+
+- ``before-deliver``: SIGKILL once a click is joined and its example is in
+  the Redis outbox, before anything is produced;
+- ``before-commit``: SIGKILL once that example is produced and acknowledged,
+  before the offsets are committed;
+- ``stall-before-commit``: at that same point, sleep for
+  STALL_SECONDS (default 12) once, then carry on.
+
+Settings come from the same ONLINE_CTR_* variables as ``online-ctr joiner``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 from services.joiner import app
 from services.joiner.main import run
@@ -19,7 +25,7 @@ from services.joiner.settings import JoinerSettings
 from shared.logs import configure_logging
 from shared.settings import load_settings
 
-POINTS = ("before-deliver", "before-commit")
+POINTS = ("before-deliver", "before-commit", "stall-before-commit")
 
 
 def install(point: str) -> None:
@@ -37,6 +43,11 @@ def install(point: str) -> None:
     def crashing_commit(self):
         if point == "before-commit" and state["positive_delivered"]:
             os.kill(os.getpid(), signal.SIGKILL)
+        if point == "stall-before-commit" and state["positive_delivered"]:
+            state["positive_delivered"] = False
+            seconds = float(os.environ.get("STALL_SECONDS", "12"))
+            print(f"stalling for {seconds} s before the commit", flush=True)
+            time.sleep(seconds)
         return commit(self)
 
     app.Joiner._deliver = crashing_deliver

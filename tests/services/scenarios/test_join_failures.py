@@ -127,6 +127,79 @@ def test_crash_between_processing_and_commit(
     assert joiner.stop() == 0, joiner.log()
 
 
+def test_rebalance_while_member_stalled(
+    scenario_env, start_service, kafka_broker, redis_client, tmp_path
+) -> None:
+    env = {
+        **scenario_env,
+        "ONLINE_CTR_MAX_POLL_INTERVAL_MS": "6000",
+        "ONLINE_CTR_SESSION_TIMEOUT_MS": "3000",
+        "ONLINE_CTR_HEARTBEAT_INTERVAL_MS": "500",
+        "STALL_SECONDS": "12",
+    }
+    if "ONLINE_CTR_MIN_EVENT_TIME" not in _joiner_fields():
+        env.pop("ONLINE_CTR_MIN_EVENT_TIME")
+
+    def stalling_joiner(name: str) -> subprocess.Popen:
+        log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.services.scenarios.crashing_joiner",
+                "stall-before-commit",
+            ],
+            env={**env, "ONLINE_CTR_METRICS_PORT": "0"},
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    members = [stalling_joiner("member-a"), stalling_joiner("member-b")]
+    try:
+        logs = [tmp_path / "member-a.log", tmp_path / "member-b.log"]
+        wait_until(
+            lambda: all("Partitions assigned: [" in log.read_text() for log in logs),
+            timeout=60,
+            message="both members did not join",
+        )
+        started = time.monotonic()
+        send(kafka_broker.bootstrap, env, [impression("i1", 0), click("i1", 10)])
+        trainer = start_service(["trainer"], env, name="trainer")
+        namespace = env["ONLINE_CTR_DEDUP_NAMESPACE"]
+        wait_until(
+            lambda: ("i1", 1) in learned_labels(redis_client, namespace),
+            timeout=60,
+            message="(i1, 1) never reached learning",
+            services=(trainer,),
+        )
+        # Let the stall pass, the stalled member fail its commit and rejoin.
+        wait_until(
+            lambda: any("Offset commit failed" in log.read_text() for log in logs),
+            timeout=60,
+            message="the stalled member never reported its failed commit",
+        )
+        time.sleep(8)
+
+        assert all(member.poll() is None for member in members), [log.read_text() for log in logs]
+        assert learned_labels(redis_client, namespace) == {("i1", 1)}
+        reader = ExampleReader(kafka_broker.bootstrap, env["ONLINE_CTR_TOPIC_EXAMPLES"])
+        reader.poll()
+        reader.poll()
+        assert [e for e in reader.examples if e[0] == "i1"] == [("i1", 1, "click")] * len(
+            [e for e in reader.examples if e[0] == "i1"]
+        )
+        # No rebalance loop: after the first assignment, each member is
+        # assigned again at most 3 times within the two minutes.
+        assert time.monotonic() - started < 120
+        for log in logs:
+            assert log.read_text().count("Partitions assigned: [") <= 4, log.read_text()
+    finally:
+        for member in members:
+            member.kill()
+            member.wait(5)
+
+
 def _joiner_fields() -> set[str]:
     from services.joiner.settings import JoinerSettings
 
