@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 from river import base, compose
 
@@ -22,9 +23,16 @@ from shared.learn.models import (
     ScoringLogisticRegression,
     build_model,
 )
+from shared.learn.sampling import FakeNegativeCalibrated
 from shared.metrics.evaluation import ProgressiveEvaluation
 
 logger = logging.getLogger(__name__)
+
+
+# How the model copes with labels that arrive late: "none" learns each
+# example when its label is decided; "fake_negative" learns every impression
+# as a negative when served and calibrates (see FakeNegativeCalibrated).
+DelayedFeedback = Literal["none", "fake_negative"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +72,27 @@ class OnlineLearner:
         model: base.Classifier | None = None,
         baseline: base.Classifier | None = None,
         evaluation: ProgressiveEvaluation | None = None,
+        delayed_feedback: DelayedFeedback = "none",
     ) -> None:
         self.model_name = model_name
-        self.model = model if model is not None else build_model(model_name)
+        model = model if model is not None else build_model(model_name)
+        if delayed_feedback == "fake_negative" and not isinstance(model, FakeNegativeCalibrated):
+            model = FakeNegativeCalibrated(model)
+        self.model = model
         self.baseline = baseline if baseline is not None else build_model(BASELINE_MODEL)
         self.evaluation = evaluation or ProgressiveEvaluation()
+        self.delayed_feedback = delayed_feedback
         self.examples_learned = 0
+
+    def on_served(self, impression: Impression) -> None:
+        """Learn a served impression as a fake negative, under fake-negative calibration.
+
+        Call it once per impression, right after it is scored; it does nothing
+        in the default mode. The baseline is left alone: it stays the running
+        click rate of revealed labels.
+        """
+        if self.delayed_feedback == "fake_negative":
+            self.model.learn_one(impression.learning_features(), False)
 
     def score(self, impression: Impression) -> Scores:
         """Return the current probabilities for an impression without learning anything."""
@@ -91,8 +114,13 @@ class OnlineLearner:
         x = example.impression.learning_features()
         y = bool(example.label)
 
+        if self.delayed_feedback == "fake_negative" and not y:
+            # The negative was learned when the impression was served.
+            model_prelearn = self.model.predict_proba_one(x).get(True, 0.0)
+        else:
+            model_prelearn = learn_and_score(self.model, x, y, weight)
         prelearn = Scores(
-            model=learn_and_score(self.model, x, y, weight),
+            model=model_prelearn,
             baseline=learn_and_score(self.baseline, x, y, weight),
         )
         self.examples_learned += 1

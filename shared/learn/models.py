@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from river import base, compose, linear_model, optim, preprocessing, tree
 
 from shared.errors import ConfigError
+from shared.learn.features import RunningClickRates, ScaleNumeric
 
 # Hashed feature space: 2**20 buckets keep collisions rare for a few hundred
 # thousand distinct feature values and cost 8 MB per dense weight vector only
@@ -103,6 +104,32 @@ def build_logreg(
     )
 
 
+def build_ctr(
+    learning_rate: float = 0.03,
+    l2: float = 1.0,
+    initial_rate: float = 0.01,
+    rate_prior_strength: float = 20.0,
+) -> base.Classifier:
+    """Scaled numbers, running click rates and hashed features into FTRL logistic regression.
+
+    Numeric features are standardised with running statistics. Each categorical
+    value gets its running click rate as a log-odds lift over the overall rate,
+    learned only from labels already revealed. Raw categorical values and
+    those lifts are hashed into a logistic regression trained with
+    FTRL-Proximal. ``docs/models.md`` explains the choices.
+    """
+    return compose.Pipeline(
+        ScaleNumeric(),
+        RunningClickRates(prior_strength=rate_prior_strength),
+        preprocessing.FeatureHasher(n_features=HASH_BUCKETS, seed=HASH_SEED),
+        ScoringLogisticRegression(
+            optimizer=optim.FTRLProximal(alpha=learning_rate, beta=1.0, l1=0.0, l2=l2),
+            intercept_init=_logit(initial_rate),
+            intercept_lr=0.01,
+        ),
+    )
+
+
 def build_hoeffding(grace_period: int = 500, delta: float = 1e-5) -> base.Classifier:
     """A Hoeffding tree with naive Bayes adaptive leaves; it splits on raw categorical values."""
     return tree.HoeffdingTreeClassifier(
@@ -131,12 +158,13 @@ class ModelSpec:
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
+        ModelSpec("ctr", build_ctr),
         ModelSpec("logreg", build_logreg),
         ModelSpec("hoeffding", build_hoeffding),
         ModelSpec("prior", build_prior),
     )
 }
-DEFAULT_MODEL = "logreg"
+DEFAULT_MODEL = "ctr"
 BASELINE_MODEL = "prior"
 
 

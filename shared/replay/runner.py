@@ -25,7 +25,7 @@ from shared.clock import ManualClock
 from shared.errors import ConfigError
 from shared.events import Click, Impression, LabeledExample, LabelSource
 from shared.join import InMemoryJoinStore, JoinOutcome, JoinSettings, JoinStateMachine
-from shared.learn.learner import OnlineLearner, Scores
+from shared.learn.learner import DelayedFeedback, OnlineLearner, Scores
 from shared.learn.models import DEFAULT_MODEL, build_model
 from shared.metrics.evaluation import ProgressiveEvaluation
 from shared.snapshots import ModelBundle, SigningKeys, load_snapshot
@@ -53,6 +53,13 @@ class ReplayConfig(BaseModel):
 
     events: Path
     model: str = DEFAULT_MODEL
+    delayed_feedback: DelayedFeedback = Field(
+        default="fake_negative",
+        description=(
+            "fake_negative learns each impression as a negative when served and calibrates; "
+            "none learns each example only when its label is decided."
+        ),
+    )
     join: JoinSettings = Field(default_factory=JoinSettings)
     segment_by: list[str] = Field(default_factory=list)
     initial_snapshot: Path | None = Field(
@@ -117,6 +124,7 @@ class Replay:
             model=model,
             baseline=baseline,
             evaluation=ProgressiveEvaluation(config.rolling_window, config.segment_by),
+            delayed_feedback=config.delayed_feedback,
         )
         self.result = ReplayResult(config=config, evaluation=self.learner.evaluation)
         self._served: dict[str, Scores] = {}
@@ -163,6 +171,7 @@ class Replay:
             learned = offset
             if event.impression_id not in self._served:
                 self._served[event.impression_id] = self.learner.score(event)
+                self.learner.on_served(event)
         self._learn(examples[learned:])
         result.join_counts.update(join_result.counts)
 

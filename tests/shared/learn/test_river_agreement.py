@@ -72,6 +72,7 @@ def test_replay_log_loss_equals_river(model_name: str) -> None:
     config = ReplayConfig(
         events=Path("unused"),
         model=model_name,
+        delayed_feedback="none",
         join=JoinSettings(window_seconds=WINDOW, allowed_lateness_seconds=0),
     )
 

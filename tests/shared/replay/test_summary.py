@@ -48,7 +48,9 @@ def synthetic_events(
 def replay(
     events: list[Impression | Click], model: str = "logreg", path: str = "unused"
 ) -> ReplayResult:
-    config = ReplayConfig(events=Path(path), model=model, segment_by=["ad"])
+    config = ReplayConfig(
+        events=Path(path), model=model, segment_by=["ad"], delayed_feedback="none"
+    )
     return Replay(config).replay(events)
 
 
