@@ -36,14 +36,27 @@ from kafka.structs import OffsetAndMetadata
 from services.joiner.metrics import JoinerMetrics
 from services.joiner.settings import JoinerSettings
 from shared.clock import Clock, SystemClock
-from shared.errors import InvalidEventError
-from shared.events import Click, Impression, LabeledExample, encode, parse_click, parse_impression
+from shared.errors import InvalidEventError, describe_value
+from shared.events import (
+    Click,
+    Impression,
+    LabeledExample,
+    check_event_time,
+    encode,
+    parse_click,
+    parse_impression,
+)
 from shared.join import JoinStateMachine, JoinStore
 from shared.kafka import DeadLetterSink
 
 logger = logging.getLogger(__name__)
 
 IMPRESSIONS, CLICKS = 0, 1
+# The producer rejects requests over its max_request_size (1 MiB by default),
+# so an oversized invalid record would stop the joiner each time it is read
+# again. Its dead-letter copy keeps only this many leading bytes of the key
+# and the value. The source offset in the headers leads to the original.
+MAX_DEAD_LETTER_BYTES = 512 * 1024
 
 
 @dataclass(slots=True)
@@ -199,33 +212,57 @@ class Joiner:
                 continue
             queue.append(_Buffered(event, record.offset))
 
-    @staticmethod
-    def _parse(parse, record) -> Impression | Click:
+    def _parse(self, parse, record) -> Impression | Click:
         if record.value is None:
             raise InvalidEventError(
                 "$", None, "must not be null (tombstones are not events)", code="null"
             )
         event = parse(record.value)
-        key = record.key.decode(errors="replace") if record.key is not None else None
-        if key != event.impression_id:
+        # The partitioner hashes the key's bytes, so the bytes are compared. A
+        # key that only decodes to the id may still route elsewhere.
+        if record.key != event.impression_id.encode():
             raise InvalidEventError(
                 "impression_id",
                 event.impression_id,
-                f"must equal the record key {key!r}, which decides the partition",
+                f"must, encoded as UTF-8, equal the record key {describe_value(record.key)}, "
+                "which decides the partition",
                 hint="produce impressions and clicks keyed by impression_id",
                 code="key_mismatch",
             )
+        check_event_time(
+            event,
+            self.clock.time(),
+            self.settings.min_event_time,
+            self.settings.max_event_future_seconds,
+        )
         return event
 
     def _dead_letter(self, tp: TopicPartition, record, error: InvalidEventError) -> None:
-        self.dead_letters.send(
-            record.value,
-            error.reason,
-            str(error),
-            tp.topic,
-            tp.partition,
-            record.offset,
-            record.key,
+        value, key, message = record.value, record.key, str(error)
+        key_bytes, value_bytes = len(key or b""), len(value or b"")
+        if key_bytes + value_bytes > MAX_DEAD_LETTER_BYTES:
+            # The key keeps at most half of the limit and the value the rest.
+            key = key[: MAX_DEAD_LETTER_BYTES // 2] if key else key
+            value = value[: MAX_DEAD_LETTER_BYTES - len(key or b"")] if value else value
+            message += (
+                f" (the dead-letter copy keeps the first {len(key or b'')} of {key_bytes} key "
+                f"bytes and {len(value or b'')} of {value_bytes} value bytes)"
+            )
+
+        future = self.dead_letters.send(
+            value, error.reason, message, tp.topic, tp.partition, record.offset, key
+        )
+        # The cycle's flush waits for this send, but only the examples' results
+        # are checked, so a failed dead-letter delivery is logged here.
+        future.add_errback(
+            lambda exc: logger.error(
+                "Producing the dead-letter copy of %s/%d@%d failed: %s. The record is only "
+                "in its source topic.",
+                tp.topic,
+                tp.partition,
+                record.offset,
+                exc,
+            )
         )
         self.metrics.dead_lettered.labels(topic=tp.topic, reason=error.reason).inc()
         logger.debug("Dead-lettered %s/%d@%d: %s", tp.topic, tp.partition, record.offset, error)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+import datetime as dt
+
+from pydantic import AwareDatetime, Field, model_validator
 
 from shared.join import JoinSettings, LateClickPolicy
 from shared.settings import ServiceSettings
@@ -25,6 +27,22 @@ class JoinerSettings(ServiceSettings):
             "Processing-time seconds a partition may stay caught up with no new events before "
             "its open windows are closed by moving its event time forward by window plus "
             "lateness. Off by default; clicks arriving afterwards for those impressions are late."
+        ),
+    )
+
+    min_event_time: AwareDatetime = Field(
+        default=dt.datetime(2000, 1, 1, tzinfo=dt.UTC),
+        description=(
+            "Events with an earlier event time go to the dead-letter topic. Lower it (an ISO "
+            "8601 time with a UTC offset) to join older recorded data."
+        ),
+    )
+    max_event_future_seconds: float = Field(
+        default=86_400.0,
+        gt=0,
+        description=(
+            "How many seconds an event time may be ahead of the joiner's clock. Events further "
+            "ahead go to the dead-letter topic."
         ),
     )
 
