@@ -72,8 +72,14 @@ def _add_replay(commands: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help=f"recorded stream, .jsonl or .jsonl.gz (default: {DEFAULT_SAMPLE})",
     )
+    parser.add_argument("--model", default="ctr", help="model from the registry (default: ctr)")
     parser.add_argument(
-        "--model", default="logreg", help="model from the registry (default: logreg)"
+        "--delayed-feedback",
+        choices=("fake_negative", "none"),
+        default="fake_negative",
+        help="fake_negative: learn each impression as a negative when served and calibrate "
+        "(no start-up bias); none: learn each example when its label is decided "
+        "(default: fake_negative)",
     )
     _add_join_options(parser)
     parser.add_argument(
@@ -97,6 +103,14 @@ def _add_replay(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="examples in the rolling metrics window (default: 10000)",
     )
+    parser.add_argument(
+        "--initial-snapshot",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="start from this signed snapshot file (verified with ONLINE_CTR_SIGNING_KEYS) "
+        "instead of an untrained model; `online-ctr snapshot export` writes one",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(handler=_run_replay)
 
@@ -112,6 +126,7 @@ def _run_replay(args: argparse.Namespace) -> int:
     config = ReplayConfig(
         events=args.events,
         model=args.model,
+        delayed_feedback=args.delayed_feedback,
         join=JoinSettings(
             window_seconds=args.window,
             allowed_lateness_seconds=args.lateness,
@@ -119,6 +134,7 @@ def _run_replay(args: argparse.Namespace) -> int:
         ),
         segment_by=args.segment_by,
         rolling_window=args.rolling_window,
+        initial_snapshot=args.initial_snapshot,
     )
     if not args.events.exists():
         raise OnlineCtrError(
@@ -309,6 +325,53 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# Snapshots.
+
+
+def _add_snapshot(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("snapshot", help="inspect and export model snapshots")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    export = actions.add_parser(
+        "export",
+        help="verify a snapshot in the Redis registry and write it to a file",
+        description=(
+            "Fetch a model snapshot from the Redis registry, verify its signature, and write "
+            "the signed blob to a file, for example to replay from it. Uses ONLINE_CTR_REDIS_URL, "
+            "ONLINE_CTR_REGISTRY_NAMESPACE and ONLINE_CTR_SIGNING_KEYS."
+        ),
+    )
+    export.add_argument("--slot", default="champion", help="model slot name (default: champion)")
+    export.add_argument("--version", type=int, default=None, help="version (default: newest)")
+    export.add_argument("--out", type=Path, required=True, metavar="PATH", help="output file")
+    export.set_defaults(handler=_run_snapshot_export)
+
+
+def _run_snapshot_export(args: argparse.Namespace) -> int:
+    from services.trainer.main import signing_keys
+    from services.trainer.settings import TrainerSettings
+    from shared.registry import ModelRegistry
+    from shared.service import make_redis
+    from shared.settings import load_settings
+    from shared.snapshots import verify_snapshot
+
+    settings = load_settings(TrainerSettings)
+    keys = signing_keys(settings)
+    registry = ModelRegistry(make_redis(settings), keys, namespace=settings.registry_namespace)
+    blob = registry.fetch(args.slot, args.version)
+    if blob is None:
+        raise OnlineCtrError(
+            f"no snapshot of {args.slot!r} (version {args.version or 'newest'}) in namespace "
+            f"{settings.registry_namespace!r}; check --slot and ONLINE_CTR_REGISTRY_NAMESPACE"
+        )
+    metadata, _ = verify_snapshot(blob, keys)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(blob)
+    print(
+        f"wrote {args.out}: {metadata.model_name} version {metadata.version}, {len(blob):,} bytes"
+    )
+    return 0
+
+
 # Live pipeline.
 
 
@@ -452,12 +515,81 @@ SERVICES = {
         "services.trainer.main",
         "services.trainer.settings:TrainerSettings",
     ),
+    "scorer": (
+        "serve the newest model over HTTP",
+        "services.scorer.main",
+        "services.scorer.settings:ScorerSettings",
+    ),
+    "simulator": (
+        "send closed-loop demo traffic through the scorer and click later",
+        "services.simulator.main",
+        "services.simulator.settings:SimulatorSettings",
+    ),
 }
 
 
 def _add_services(commands: argparse._SubParsersAction) -> None:
     for name, (help_text, module, settings_class) in SERVICES.items():
         _add_service(commands, name, help_text, module, settings_class)
+
+
+def _add_demo_local(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "demo-local",
+        help="run the whole demo as local processes, for machines without Docker",
+        description=(
+            "Start Tansu, redis-server and Prometheus (and Grafana when it is installed) on "
+            "loopback ports, then the joiner, trainer, scorer and traffic simulator, and print "
+            "where to look. Ctrl-C stops everything. Needs redis-server and prometheus on PATH "
+            "(`make install-services`)."
+        ),
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=30.0,
+        metavar="PER_SECOND",
+        help="impressions per second the simulator sends (default: 30)",
+    )
+    parser.add_argument(
+        "--drift-after",
+        type=_duration,
+        default=300.0,
+        metavar="DURATION",
+        help="when the simulated population changes behaviour, e.g. 5m (default: 5m)",
+    )
+    parser.add_argument(
+        "--no-drift", action="store_true", help="keep the population's behaviour unchanged"
+    )
+    parser.add_argument(
+        "--duration",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="stop by itself after this long, e.g. 10m (default: run until Ctrl-C)",
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="directory for logs and data (default: a new temporary directory)",
+    )
+    parser.set_defaults(handler=_run_demo_local)
+
+
+def _run_demo_local(args: argparse.Namespace) -> int:
+    from shared.demo_local import DemoOptions, run_demo
+
+    if args.rate <= 0:
+        raise OnlineCtrError(f"invalid --rate {args.rate:g}: it must be more than 0")
+    options = DemoOptions(
+        impressions_per_second=args.rate,
+        drift_after_seconds=None if args.no_drift else args.drift_after,
+        duration_seconds=args.duration,
+        directory=args.dir,
+    )
+    return run_demo(options)
 
 
 def _add_settings(commands: argparse._SubParsersAction) -> None:
@@ -485,9 +617,11 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_import,
     _add_generate,
     _add_models,
+    _add_snapshot,
     _add_produce,
     _add_topics,
     _add_services,
+    _add_demo_local,
     _add_settings,
 ]
 

@@ -1,0 +1,1 @@
+"""The scorer service: serve click probabilities over HTTP and log what it served."""
