@@ -1,0 +1,1 @@
+"""The traffic simulator: closed-loop demo traffic through the scorer and the clicks topic."""
