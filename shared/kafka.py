@@ -31,6 +31,17 @@ HEADER_SOURCE_PARTITION = "octr-source-partition"
 HEADER_SOURCE_OFFSET = "octr-source-offset"
 
 
+class MaskedSecret(str):
+    """A secret string that kafka-python can use but that prints as ``***``.
+
+    kafka-python logs its whole configuration at DEBUG, so a plain string
+    would put the password in a log line.
+    """
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
 def client_config(settings: ServiceSettings) -> dict[str, Any]:
     """Return the connection and security options every kafka-python client takes."""
     config: dict[str, Any] = {
@@ -41,7 +52,9 @@ def client_config(settings: ServiceSettings) -> dict[str, Any]:
         assert settings.kafka_sasl_password is not None
         config["sasl_mechanism"] = settings.kafka_sasl_mechanism
         config["sasl_plain_username"] = settings.kafka_sasl_username
-        config["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+        config["sasl_plain_password"] = MaskedSecret(
+            settings.kafka_sasl_password.get_secret_value()
+        )
     if settings.kafka_security_protocol in ("SSL", "SASL_SSL") and settings.kafka_ssl_cafile:
         config["ssl_cafile"] = settings.kafka_ssl_cafile
     return config
@@ -206,7 +219,7 @@ class DeadLetterSink:
         """Produce one dead-letter record; return the send future."""
         headers = [
             (HEADER_REASON, reason.encode()),
-            (HEADER_ERROR, error.encode()[:1024]),
+            (HEADER_ERROR, error.encode()[:1024].decode(errors="ignore").encode()),
             (HEADER_SOURCE_TOPIC, source_topic.encode()),
             (HEADER_SOURCE_PARTITION, str(source_partition).encode()),
             (HEADER_SOURCE_OFFSET, str(source_offset).encode()),

@@ -16,7 +16,7 @@ import redis
 from prometheus_client import CollectorRegistry, start_http_server
 
 from shared.clock import Clock, SystemClock
-from shared.errors import UnavailableError
+from shared.errors import ConfigError, UnavailableError
 from shared.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,11 @@ def redis_options(settings: ServiceSettings) -> dict[str, Any]:
     if settings.redis_password is not None:
         options["password"] = settings.redis_password.get_secret_value()
     if settings.redis_tls_ca_file:
+        if not settings.redis_url.startswith("rediss://"):
+            raise ConfigError(
+                "ONLINE_CTR_REDIS_TLS_CA_FILE is set but ONLINE_CTR_REDIS_URL does not start "
+                "with rediss://; use a rediss:// URL for TLS or remove the CA file"
+            )
         options["ssl_ca_certs"] = settings.redis_tls_ca_file
     return options
 
@@ -57,11 +62,17 @@ def make_redis(settings: ServiceSettings) -> redis.Redis:
 
 
 def _redacted_url(url: str) -> str:
-    # A URL may carry a password (redis://user:secret@host); never log it.
-    if "@" in url:
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+    # A URL may carry a password, as user:secret@host or ?password=secret;
+    # never log either. The last "@" ends the credentials, which may contain "@".
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return "***"
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    base, _, query = rest.partition("?")
+    if query:
+        base += "?***"
+    return f"{scheme}://{base}"
 
 
 def wait_for_redis(

@@ -148,9 +148,12 @@ def _check_key(key_id: str, secret: SecretStr) -> None:
         )
     length = len(secret.get_secret_value().encode())
     if length < MIN_KEY_BYTES:
+        # An id as long as a key may be a secret written first ("secret:k1"),
+        # so it is not repeated in the message.
+        named = f"signing key {key_id!r}" if len(key_id) < 16 else "a signing key"
         raise ConfigError(
-            f"signing key {key_id!r} is {length} bytes long, but at least {MIN_KEY_BYTES} "
-            f"are required; generate one with: {GENERATE_KEY_COMMAND}"
+            f"{named} is {length} bytes long, but at least {MIN_KEY_BYTES} are required "
+            f"(entries are written key-id:secret); generate one with: {GENERATE_KEY_COMMAND}"
         )
 
 

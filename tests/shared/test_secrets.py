@@ -145,11 +145,6 @@ def test_wait_for_redis_at_closed_port_hides_secrets(caplog: pytest.LogCaptureFi
     assert_no_secret(caplog.text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_redacted_url keeps everything after the first '@', so a password containing '@' "
-    "is partly logged",
-)
 def test_redacted_url_hides_password_with_at_sign(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     before_at, after_at = "pw-part-one", "pw-part-two"
@@ -166,11 +161,6 @@ def test_redacted_url_hides_password_with_at_sign(caplog: pytest.LogCaptureFixtu
     assert after_at not in output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_redacted_url only redacts user:password@, not a ?password= query parameter, which "
-    "redis-py also reads",
-)
 def test_redacted_url_hides_password_query(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     settings = ServiceSettings(
@@ -291,11 +281,6 @@ def test_signing_keys_errors_hide_secrets(text: str, active: str, secret: str) -
     assert_no_secret(str(caught.value))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an entry written secret first ('<secret>:k1') makes the secret the key id, and "
-    "the short-key error names it",
-)
 def test_signing_keys_reversed_entry_hides_secret() -> None:
     with pytest.raises(ConfigError) as caught:
         SigningKeys.parse(SecretStr(f"{SIGNING_SECRET}:k1"), "k1")
@@ -320,11 +305,6 @@ def sasl_settings() -> ServiceSettings:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client_config returns the SASL password as a plain str, so the dict's repr shows "
-    "it; kafka-python's KafkaAdminClient logs that dict at DEBUG",
-)
 def test_client_config_repr_hides_sasl_password() -> None:
     config = client_config(sasl_settings())
 

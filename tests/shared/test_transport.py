@@ -98,11 +98,6 @@ def test_redis_timeouts_are_bounded() -> None:
     assert 0 < kwargs["socket_connect_timeout"] <= kwargs["socket_timeout"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a CA file with a redis:// URL reaches redis.Connection, which raises TypeError at "
-    "the first command instead of a ConfigError at start-up",
-)
 def test_ca_file_needs_tls_url() -> None:
     with pytest.raises((ConfigError, pydantic.ValidationError)):
         settings = tls_redis_settings(redis_url="redis://cache.internal:6380/2")
