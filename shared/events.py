@@ -90,7 +90,7 @@ class _Model(BaseModel):
 
 
 class LabelSource(enum.StrEnum):
-    """How an example's label was decided."""
+    """The way an example's label was decided."""
 
     CLICK = "click"
     WINDOW_CLOSED = "window_closed"
@@ -98,7 +98,7 @@ class LabelSource(enum.StrEnum):
 
 
 class ServedScore(_Model):
-    """What the scorer returned for an impression, logged with it."""
+    """The scorer's response for an impression, logged with it."""
 
     model_version: str = Field(max_length=MAX_ID_CHARS)
     arm: Literal["champion", "challenger", "replay"] = "champion"
@@ -127,7 +127,7 @@ class Impression(_Model):
         return self.event_time.timestamp()
 
     def learning_features(self) -> dict[str, Any]:
-        """Return the feature dict a model sees: the features plus the item id.
+        """Return the feature dict a model learns and scores from: the features plus the item id.
 
         The user id is left out on purpose: it is unbounded in cardinality and
         a model that wants it can get it as a feature from the producer.

@@ -77,7 +77,7 @@ def make_producer(settings: ServiceSettings, **overrides: Any) -> KafkaProducer:
 
 
 def make_consumer(settings: ServiceSettings, group_id: str, **overrides: Any) -> KafkaConsumer:
-    """Build a consumer that commits only when told to and starts new groups at the beginning."""
+    """Build a consumer with explicit commits that starts new groups at the earliest offset."""
     options: dict[str, Any] = {
         **client_config(settings),
         "group_id": group_id,
@@ -170,7 +170,7 @@ def wait_for_kafka(
     sleep: Callable[[float], None] = time.sleep,
     monotonic: Callable[[], float] = time.monotonic,
 ) -> None:
-    """Block until a broker answers a metadata request, retrying with logged back-off."""
+    """Block until a broker responds to a metadata request, retrying with logged back-off."""
     deadline = monotonic() + settings.startup_timeout_seconds
     delay = 0.5
     attempt = 1
@@ -183,7 +183,7 @@ def wait_for_kafka(
         except KafkaError as error:
             if monotonic() + delay > deadline:
                 raise UnavailableError(
-                    f"Kafka at {settings.kafka_bootstrap_servers} did not answer within "
+                    f"Kafka at {settings.kafka_bootstrap_servers} did not respond within "
                     f"{settings.startup_timeout_seconds:.0f} s ({error}); check "
                     "ONLINE_CTR_KAFKA_BOOTSTRAP_SERVERS and that the broker is up"
                 ) from None

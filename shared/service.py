@@ -78,7 +78,7 @@ def _redacted_url(url: str) -> str:
 def wait_for_redis(
     client: redis.Redis, settings: ServiceSettings, clock: Clock | None = None
 ) -> None:
-    """Block until Redis answers PING, retrying with logged back-off."""
+    """Block until Redis responds to PING, retrying with logged back-off."""
     clock = clock or SystemClock()
     deadline = clock.monotonic() + settings.startup_timeout_seconds
     backoff = ExponentialBackoff()
@@ -95,7 +95,7 @@ def wait_for_redis(
             delay = backoff.next_delay()
             if clock.monotonic() + delay > deadline:
                 raise UnavailableError(
-                    f"Redis at {_redacted_url(settings.redis_url)} did not answer within "
+                    f"Redis at {_redacted_url(settings.redis_url)} did not respond within "
                     f"{settings.startup_timeout_seconds:.0f} s ({error}); "
                     "check ONLINE_CTR_REDIS_URL and that Redis is up"
                 ) from None

@@ -4,7 +4,7 @@ Each cycle polls labelled examples, drops duplicates, learns the rest with
 the shared learner and metrics, and publishes a signed snapshot every N
 examples or T seconds. A snapshot records the consumer position it covers,
 and the offsets are committed right after it is published: the model is the
-trainer's state, so nothing counts as processed until a snapshot holds it.
+trainer's state, so nothing counts as processed until a snapshot contains it.
 A restarted trainer loads the newest snapshot and seeks to its positions, so
 it neither skips nor learns twice what that snapshot already holds.
 """

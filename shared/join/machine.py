@@ -76,7 +76,7 @@ class JoinOutcome(enum.StrEnum):
 
 @dataclass(slots=True)
 class JoinResult:
-    """What one batch produced: examples in emission order, and outcome counts.
+    """The output of one batch: examples in emission order, and outcome counts.
 
     ``event_offsets[i]`` is how many examples had been emitted when event i
     itself was handled, after the watermark its event time reached had

@@ -62,7 +62,7 @@ class RunningClickRates(base.Transformer):
     def _supervised(self) -> bool:
         # River 0.26's Pipeline recognises transformers by base.Transformer
         # only, so a base.SupervisedTransformer would be run as a final step.
-        # This class is a Transformer that tells the Pipeline it needs labels.
+        # This class is a Transformer whose _supervised flag makes the Pipeline pass labels.
         return True
 
     def _tracked(self, x: dict) -> list[tuple[str, str]]:
@@ -75,7 +75,7 @@ class RunningClickRates(base.Transformer):
         return pairs
 
     def overall_rate(self) -> float:
-        """The overall click rate of the revealed labels, smoothed towards 1 %."""
+        """Return the overall click rate of the revealed labels, smoothed towards 1 %."""
         return (self.clicks + 0.01 * self.prior_strength) / (self.examples + self.prior_strength)
 
     def transform_one(self, x: dict) -> dict:

@@ -105,7 +105,7 @@ class OnlineLearner:
     def learn(self, example: LabeledExample, served: Scores | None, weight: float = 1.0) -> None:
         """Learn one example and add it to the metrics.
 
-        ``served`` holds the scores from when the impression was served; None
+        ``served`` contains the scores from when the impression was served; None
         when they are unknown. A late-click correction is learned but not
         scored again: its impression was already scored at its first label.
         ``weight`` is the example's importance for models that take one; the

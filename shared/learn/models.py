@@ -131,14 +131,14 @@ def build_ctr(
 
 
 def build_hoeffding(grace_period: int = 500, delta: float = 1e-5) -> base.Classifier:
-    """A Hoeffding tree with naive Bayes adaptive leaves; it splits on raw categorical values."""
+    """Build a Hoeffding tree with naive Bayes adaptive leaves that splits on raw categories."""
     return tree.HoeffdingTreeClassifier(
         grace_period=grace_period, delta=delta, leaf_prediction="nba"
     )
 
 
 def build_prior(prior_rate: float = 0.01, prior_strength: float = 10.0) -> base.Classifier:
-    """The running click rate, the baseline every model is compared with."""
+    """Build the running click rate, the baseline every model is compared with."""
     return RunningClickRate(prior_rate=prior_rate, prior_strength=prior_strength)
 
 

@@ -90,7 +90,7 @@ class FakeNegativeCalibrated(base.Classifier):
     adds a positive when it arrives. Each impression then gives one negative
     and, if clicked, one positive, so the inner model estimates
     b = p / (1 + p), and ``predict_proba_one`` returns p = b / (1 - b).
-    Because negatives are learned at once, the model never sees a stretch of
+    Because negatives are learned at once, the model never learns a stretch of
     positives alone, which is what biases delayed training at start-up.
     """
 

@@ -77,7 +77,7 @@ class ReplayConfig(BaseModel):
 
 @dataclass
 class ReplayResult:
-    """What a replay measured."""
+    """The measurements of one replay."""
 
     config: ReplayConfig
     evaluation: ProgressiveEvaluation
