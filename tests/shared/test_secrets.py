@@ -138,7 +138,7 @@ def test_wait_for_redis_at_closed_port_hides_secrets(caplog: pytest.LogCaptureFi
     with pytest.raises(UnavailableError) as caught:
         wait_for_redis(client, settings, ManualClock())
 
-    assert "did not answer" in str(caught.value)
+    assert "did not respond" in str(caught.value)
     assert_no_secret(str(caught.value))
     assert_no_secret(repr(client))
     assert caplog.records, "the retries were not logged"
