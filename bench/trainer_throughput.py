@@ -259,7 +259,7 @@ class Servers:
 
 @dataclass(frozen=True)
 class BenchSetup:
-    """What every measured run shares: the servers, the snapshot signing key and the model."""
+    """The servers, snapshot signing key and model that every measured run shares."""
 
     servers: Servers
     signing_key: str
@@ -354,7 +354,7 @@ def memory_trainer(
 
 
 def check_learned(registry: CollectorRegistry, expected: int, run_name: str) -> None:
-    """Raise if the trainer did not learn or sample out each example exactly once."""
+    """Raise unless learned plus sampled-out examples equal ``expected``, with no duplicates."""
     learned = sum(
         registry.get_sample_value("octr_trainer_examples_learned_total", {"label": label}) or 0.0
         for label in ("0", "1")
