@@ -58,22 +58,30 @@ class NegativeSampler:
         return model
 
 
-class RecalibratedClassifier(base.Classifier):
-    """A classifier trained on downsampled negatives, predicting on the original scale."""
+class _CalibratingWrapper(base.Classifier):
+    """A binary classifier that learns through an inner model and maps its probabilities."""
 
-    def __init__(self, model: base.Classifier, negative_rate: float) -> None:
+    def __init__(self, model: base.Classifier) -> None:
         self.model = model
-        self.negative_rate = negative_rate
 
     @property
     def _multiclass(self) -> bool:
         return False
 
     def learn_one(self, x, y, w: float = 1.0) -> None:
+        # Not every River model takes a weight; pass it only when it matters.
         if w == 1.0:
             self.model.learn_one(x, y)
         else:
             self.model.learn_one(x, y, w=w)
+
+
+class RecalibratedClassifier(_CalibratingWrapper):
+    """A classifier trained on downsampled negatives, predicting on the original scale."""
+
+    def __init__(self, model: base.Classifier, negative_rate: float) -> None:
+        super().__init__(model)
+        self.negative_rate = negative_rate
 
     def predict_proba_one(self, x) -> dict[bool, float]:
         p = self.model.predict_proba_one(x).get(True, 0.0)
@@ -81,7 +89,7 @@ class RecalibratedClassifier(base.Classifier):
         return {False: 1.0 - q, True: q}
 
 
-class FakeNegativeCalibrated(base.Classifier):
+class FakeNegativeCalibrated(_CalibratingWrapper):
     """A model trained with fake negatives, predicting calibrated click probabilities.
 
     Fake-negative calibration (Ktena et al., "Addressing Delayed Feedback for
@@ -96,19 +104,6 @@ class FakeNegativeCalibrated(base.Classifier):
 
     # b = p / (1 + p) cannot exceed 1/2; a larger inner estimate means p = 1.
     MAX_INNER_PROBABILITY = 0.5
-
-    def __init__(self, model: base.Classifier) -> None:
-        self.model = model
-
-    @property
-    def _multiclass(self) -> bool:
-        return False
-
-    def learn_one(self, x, y, w: float = 1.0) -> None:
-        if w == 1.0:
-            self.model.learn_one(x, y)
-        else:
-            self.model.learn_one(x, y, w=w)
 
     def predict_proba_one(self, x) -> dict[bool, float]:
         inner = self.model.predict_proba_one(x).get(True, 0.0)
