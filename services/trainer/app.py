@@ -90,7 +90,6 @@ class Trainer:
         self.examples_seen = 0
         self.unpublished = 0
         self.last_snapshot_at = self.clock.monotonic()
-        self.version: int | None = None
 
     # Life cycle.
 
@@ -110,7 +109,6 @@ class Trainer:
         self.learner.model = bundle.model
         self.learner.baseline = bundle.baseline
         self.examples_seen = metadata.examples_seen
-        self.version = metadata.version
         prefix = f"{self.settings.topic_examples}/"
         self.restored_positions = {
             int(key[len(prefix) :]): offset
@@ -247,7 +245,8 @@ class Trainer:
     def publish(self) -> None:
         """Publish a snapshot of the model, then commit the offsets it covers."""
         topic = self.settings.topic_examples
-        offsets = {f"{topic}/{partition}": offset for partition, offset in self.positions.items()}
+        positions = dict(self.positions)
+        offsets = {f"{topic}/{partition}": offset for partition, offset in positions.items()}
         bundle = ModelBundle(
             model=self.learner.model,
             baseline=self.learner.baseline,
@@ -266,26 +265,26 @@ class Trainer:
             logger.warning("Publishing a snapshot failed (%s); offsets stay uncommitted", error)
             return
 
-        self.version = metadata.version
         self.unpublished = 0
         self.last_snapshot_at = self.clock.monotonic()
         self.metrics.model_version.set(metadata.version)
         self.metrics.last_snapshot.set(self.clock.time())
-        self._commit(offsets)
+        self._commit(positions)
         self._export_evaluation()
 
-    def _commit(self, offsets: dict[str, int]) -> None:
+    def _commit(self, positions: dict[int, int]) -> None:
+        """Commit the positions a published snapshot covers, by partition of the examples topic."""
         topic = self.settings.topic_examples
         commit = {
             TopicPartition(topic, partition): OffsetAndMetadata(offset, "", -1)
-            for partition, offset in self.positions.items()
+            for partition, offset in positions.items()
         }
         if not commit:
             return
         try:
             self.consumer.commit(commit)
         except (CommitFailedError, KafkaError) as error:
-            # The snapshot holds the positions; a restart resumes from it anyway.
+            # The snapshot contains the positions, and a restart resumes from it anyway.
             logger.warning("Offset commit failed (%s); the snapshot keeps the positions", error)
 
     def _snapshot_metrics(self) -> dict[str, float | None]:
