@@ -41,7 +41,7 @@ class SystemClock:
 
 
 class ManualClock:
-    """A clock that moves only when told to; ``sleep`` advances it at once."""
+    """A clock that moves only through ``advance``, and ``sleep`` advances it at once."""
 
     def __init__(self, start: float = 0.0) -> None:
         self._now = start

@@ -281,8 +281,8 @@ class Joiner:
 
         The head of each side is compared and the earlier one taken. When one
         side is empty, the other goes on only if the empty side has nothing
-        more on the broker; otherwise an impression could close its window
-        before the click that was already produced for it is read.
+        more on the broker. Otherwise an impression could close its window
+        before the click already produced for it is read.
         """
         impressions, clicks = buffers.sides
         caught_up = [self._is_caught_up(TopicPartition(topic, partition)) for topic in self.topics]

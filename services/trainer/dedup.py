@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Sighting:
-    """Where an example was read: its dedup key and record position."""
+    """The read position of an example: its dedup key and record position."""
 
     dedup_key: str
     topic: str

@@ -8,10 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class LateClickPolicy(enum.StrEnum):
-    """What to do with a click that arrives after its impression's window closed."""
+    """The handling of a click that arrives after its impression's window closed."""
 
     DROP = "drop"
-    """Count it and emit nothing: the negative stands."""
+    """Count it and emit nothing, so the negative is final."""
 
     CORRECT = "correct"
     """Count it and emit a positive correction example after the negative."""

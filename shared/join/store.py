@@ -27,7 +27,7 @@ from shared.events import Impression, LabeledExample
 
 
 class RecordState(enum.IntEnum):
-    """Where an impression is in its life cycle."""
+    """The life-cycle state of an impression."""
 
     PENDING = 0
     """Its window is open and no click has arrived."""

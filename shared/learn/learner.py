@@ -29,9 +29,9 @@ from shared.metrics.evaluation import ProgressiveEvaluation
 logger = logging.getLogger(__name__)
 
 
-# How the model copes with labels that arrive late: "none" learns each
-# example when its label is decided; "fake_negative" learns every impression
-# as a negative when served and calibrates (see FakeNegativeCalibrated).
+# How the model copes with labels that arrive late. "none" learns each example
+# when its label is decided. "fake_negative" learns every impression as a
+# negative when served and calibrates (see FakeNegativeCalibrated).
 DelayedFeedback = Literal["none", "fake_negative"]
 
 

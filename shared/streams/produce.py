@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ProduceSummary:
-    """What a produce run sent."""
+    """The counts of one produce run."""
 
     impressions: int = 0
     clicks: int = 0

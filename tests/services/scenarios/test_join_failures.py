@@ -304,7 +304,7 @@ def test_replay_from_snapshot_twice_is_identical(redis_client, unique_name, tmp_
     assert registry.fetch("champion") == blob_before
 
 
-def test_replay_from_same_bundle_object_does_not_learn_into_it(tmp_path) -> None:
+def test_replay_leaves_initial_bundle_unchanged(tmp_path) -> None:
     learner = OnlineLearner()
     bundle = ModelBundle(model=learner.model, baseline=learner.baseline, model_name="champion")
     events = [impression(f"i{n}", n * 5.0) for n in range(300)]

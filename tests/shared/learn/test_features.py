@@ -105,7 +105,7 @@ def test_fake_negative_calibration_inverts_the_bias() -> None:
     assert calibrated.predict_proba_one({})[True] == pytest.approx(0.25)
 
 
-def test_replay_never_serves_a_rate_before_its_label_is_revealed() -> None:
+def test_replay_serves_no_unrevealed_label() -> None:
     from pathlib import Path
 
     from shared.events import Click, Impression
