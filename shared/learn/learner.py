@@ -102,14 +102,21 @@ class OnlineLearner:
             baseline=self.baseline.predict_proba_one(x).get(True, 0.0),
         )
 
-    def learn(self, example: LabeledExample, served: Scores | None, weight: float = 1.0) -> None:
-        """Learn one example and add it to the metrics.
+    def learn(
+        self,
+        example: LabeledExample,
+        served: Scores | None,
+        weight: float = 1.0,
+        evaluate: bool = True,
+    ) -> None:
+        """Learn one example and, unless ``evaluate`` is false, add it to the metrics.
 
         ``served`` contains the scores from when the impression was served; None
         when they are unknown. A late-click correction is learned but not
         scored again: its impression was already scored at its first label.
         ``weight`` is the example's importance for models that take one; the
-        baseline always learns with the same weight.
+        baseline always learns with the same weight. A replay with a time
+        holdout learns examples before the holdout without evaluating them.
         """
         x = example.impression.learning_features()
         y = bool(example.label)
@@ -125,7 +132,7 @@ class OnlineLearner:
         )
         self.examples_learned += 1
 
-        if example.label_source != LabelSource.LATE_CLICK_CORRECTION:
+        if evaluate and example.label_source != LabelSource.LATE_CLICK_CORRECTION:
             self.evaluation.update(example, served, prelearn)
 
     def observe(self, example: LabeledExample, served: Scores | None) -> None:

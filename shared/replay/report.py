@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 
 from shared.learn.models import BASELINE_MODEL
 from shared.metrics.binary import BinaryMetrics
+from shared.replay.experiments import sections
 from shared.replay.runner import ReplayResult
 from shared.replay.summary import (
     format_count,
@@ -85,8 +86,10 @@ def write_report(result: ReplayResult, directory: Path) -> Path:
     _plot_calibration(result, directory / CALIBRATION_PLOT)
     _plot_label_delay(result, directory / LABEL_DELAY_PLOT)
 
+    # Experiment sections write their own plots; render them before the page.
+    experiments = "".join(section.html_section(result, directory) for section in sections())
     index = directory / INDEX_FILE
-    index.write_bytes(_render_html(result, report).encode("utf-8"))
+    index.write_bytes(_render_html(result, report, experiments).encode("utf-8"))
     return index
 
 
@@ -117,6 +120,11 @@ def _metrics_document(result: ReplayResult, report: dict[str, Any]) -> dict[str,
             "span_seconds": span,
         },
         "evaluation": report,
+        "experiments": {
+            section.NAME: document
+            for section in sections()
+            if (document := section.document(result)) is not None
+        },
         "join_outcomes": join_outcome_counts(result),
         "label_sources": label_source_counts(result),
         "positive_label_delay_seconds": {
@@ -745,7 +753,7 @@ def _invalid_section(result: ReplayResult) -> str:
     )
 
 
-def _render_html(result: ReplayResult, report: dict[str, Any]) -> str:
+def _render_html(result: ReplayResult, report: dict[str, Any], experiments: str) -> str:
     title = f"online-ctr replay: {result.config.events}"
     config_json = json.dumps(result.config.model_dump(mode="json"), indent=2, ensure_ascii=False)
     body = "".join(
@@ -754,6 +762,7 @@ def _render_html(result: ReplayResult, report: dict[str, Any]) -> str:
             _run_section(result),
             _comparison_section(result, report),
             _plots_section(result),
+            experiments,
             _delay_section(result),
             _counts_section(result),
             _segments_section(result, report),

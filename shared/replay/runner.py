@@ -9,17 +9,19 @@ each example is learned the moment the join decides its label.
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import itertools
 import logging
 import os
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from shared.clock import ManualClock
 from shared.errors import ConfigError
@@ -28,6 +30,8 @@ from shared.join import InMemoryJoinStore, JoinOutcome, JoinSettings, JoinStateM
 from shared.learn.learner import DelayedFeedback, OnlineLearner, Scores
 from shared.learn.models import DEFAULT_MODEL, build_model
 from shared.metrics.evaluation import ProgressiveEvaluation
+from shared.replay.arms import ArmSpec, ReplayArm
+from shared.replay.targets import Target
 from shared.snapshots import ModelBundle, SigningKeys, load_snapshot
 from shared.streams.recorded import InvalidLine, read_events
 
@@ -74,6 +78,96 @@ class ReplayConfig(BaseModel):
         default=500, ge=1, description="Examples between two rows of the metrics timeline."
     )
 
+    # Offline A/B.
+    compare: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Other registry models replayed on the same examples and compared with `model` "
+            "by paired bootstrap."
+        ),
+    )
+    confidence_level: float = Field(
+        default=0.95, gt=0.5, lt=1.0, description="Confidence level of the bootstrap intervals."
+    )
+    bootstrap_samples: int = Field(
+        default=1000, ge=100, description="Bootstrap resamples per compared metric."
+    )
+    bootstrap_seed: int = Field(default=0, description="Seed of the bootstrap resampling.")
+
+    # Success target.
+    targets: list[Target] = Field(
+        default_factory=list,
+        description="Success criteria each model is judged by, e.g. normalized_entropy <= 0.95.",
+    )
+
+    # Time holdout.
+    holdout_from: AwareDatetime | None = Field(
+        default=None,
+        description="Evaluate only examples whose impression time is at or after this time.",
+    )
+    after_holdout: Literal["learn", "freeze"] = Field(
+        default="learn",
+        description="After holdout_from, keep learning (learn) or stop learning (freeze).",
+    )
+
+    # Freshness experiment.
+    freshness: bool = Field(
+        default=False,
+        description=(
+            "Also replay the model frozen at freeze_at, and retrained from scratch every "
+            "retrain_every_seconds, next to continuous learning."
+        ),
+    )
+    freeze_at: AwareDatetime | None = Field(
+        default=None,
+        description=(
+            "Event time the frozen and retrained copies stop learning online; default: "
+            "holdout_from, else the first event time plus retrain_every_seconds."
+        ),
+    )
+    retrain_every_seconds: float = Field(
+        default=86_400.0, gt=0, description="Event time between two retrains from scratch."
+    )
+
+    # Segments.
+    slice_min_count: int = Field(
+        default=500,
+        ge=1,
+        description="Segments with fewer served examples are grouped into one row.",
+    )
+    calibration_tolerance: float = Field(
+        default=0.2,
+        gt=0,
+        description="A segment whose calibration is off 1.0 by more than this is flagged.",
+    )
+
+    # Attribution-window what-if.
+    what_if_windows: list[float] = Field(
+        default_factory=list,
+        description="Attribution windows in seconds to compare, each in its own replay.",
+    )
+    max_missed_click_share: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="The window recommendation misses at most this share of clicks.",
+    )
+
+    @model_validator(mode="after")
+    def _check_arms(self) -> ReplayConfig:
+        names = [self.model, *self.compare]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(
+                f"model {repeated[0]!r} is listed twice among model and compare; "
+                "give each compared model once"
+            )
+        if any(window <= 0 for window in self.what_if_windows):
+            raise ValueError(
+                f"what-if windows must be positive seconds, got {self.what_if_windows}"
+            )
+        return self
+
 
 @dataclass
 class ReplayResult:
@@ -91,11 +185,32 @@ class ReplayResult:
     first_event_time: float | None = None
     last_event_time: float | None = None
     wall_seconds: float = 0.0
+    # Every arm, the first being the main model whose metrics are `evaluation`.
+    arms: list[ReplayArm] = field(default_factory=list)
+    # The impression time of each example in the served-score metrics, in
+    # their order: the same for every arm, so metrics can be cut by time.
+    evaluated_times: array = field(default_factory=lambda: array("d"))
+    # Set by the attribution-window what-if when it ran (shared.replay.experiments.windows).
+    what_if: Any = None
 
     @property
     def events(self) -> int:
         """Valid events read."""
         return self.impressions + self.clicks
+
+    def arm(self, name: str) -> ReplayArm:
+        """Return the arm with this name; raise KeyError naming the arms there are."""
+        for arm in self.arms:
+            if arm.name == name:
+                return arm
+        raise KeyError(f"no arm named {name!r}; arms: {[arm.name for arm in self.arms]}")
+
+
+def freshness_arm_names(model: str, retrain_every_seconds: float) -> tuple[str, str]:
+    """The names of the frozen and the retrained copies of ``model``."""
+    from shared.replay.summary import format_duration
+
+    return f"{model} frozen", f"{model} retrained every {format_duration(retrain_every_seconds)}"
 
 
 class Replay:
@@ -112,25 +227,76 @@ class Replay:
         self.machine = JoinStateMachine(InMemoryJoinStore(), config.join, ManualClock())
         if initial_bundle is None and config.initial_snapshot is not None:
             initial_bundle = load_snapshot_file(config.initial_snapshot)
-        if initial_bundle is not None:
-            # Learning must never reach the caller's objects: a second replay
-            # from the same bundle has to start from the same state.
-            model = copy.deepcopy(initial_bundle.model)
-            baseline = copy.deepcopy(initial_bundle.baseline)
-        else:
-            model, baseline = build_model(config.model), None
-        self.learner = OnlineLearner(
-            model_name=config.model,
-            model=model,
-            baseline=baseline,
-            evaluation=ProgressiveEvaluation(config.rolling_window, config.segment_by),
-            delayed_feedback=config.delayed_feedback,
+        self._initial_bundle = initial_bundle
+
+        self._holdout_from = _seconds(config.holdout_from)
+        main_until = self._holdout_from if config.after_holdout == "freeze" else None
+        # Segments are measured for the main model only; the others are compared overall.
+        self.arms = [
+            self._new_arm(ArmSpec(config.model, config.model, learn_until=main_until), True)
+        ]
+        self.arms += [
+            self._new_arm(ArmSpec(name, name, learn_until=main_until)) for name in config.compare
+        ]
+        # The freshness copies need the first event time when freeze_at is not given.
+        self._freshness_pending = config.freshness
+
+        self.result = ReplayResult(
+            config=config, evaluation=self.learner.evaluation, arms=self.arms
         )
-        self.result = ReplayResult(config=config, evaluation=self.learner.evaluation)
-        self._served: dict[str, Scores] = {}
+        self._served: dict[str, list[Scores]] = {}
+        self._examples_decided = 0
         self._last_decided_at: float | None = None
         self._on_example = on_example
         self._on_progress = on_progress
+
+    @property
+    def learner(self) -> OnlineLearner:
+        """The main model's learner."""
+        return self.arms[0].learner
+
+    def _new_arm(self, spec: ArmSpec, segments: bool = False) -> ReplayArm:
+        config = self.config
+        bundle = self._initial_bundle
+        if bundle is not None and spec.model == config.model:
+            # Learning must never reach the caller's objects: a second replay
+            # from the same bundle has to start from the same state.
+            model = copy.deepcopy(bundle.model)
+            baseline = copy.deepcopy(bundle.baseline)
+        else:
+            model, baseline = build_model(spec.model), None
+        learner = OnlineLearner(
+            model_name=spec.model,
+            model=model,
+            baseline=baseline,
+            evaluation=ProgressiveEvaluation(
+                config.rolling_window, config.segment_by if segments else ()
+            ),
+            delayed_feedback=config.delayed_feedback,
+        )
+        return ReplayArm(spec, learner)
+
+    def _add_freshness_arms(self, first_event_time: float) -> None:
+        config = self.config
+        freeze_at = _seconds(config.freeze_at) or self._holdout_from
+        if freeze_at is None:
+            freeze_at = first_event_time + config.retrain_every_seconds
+        frozen, retrained = freshness_arm_names(config.model, config.retrain_every_seconds)
+        self.arms.append(
+            self._new_arm(ArmSpec(frozen, config.model, "frozen", learn_until=freeze_at))
+        )
+        self.arms.append(
+            self._new_arm(
+                ArmSpec(
+                    retrained,
+                    config.model,
+                    "retrain",
+                    learn_until=freeze_at,
+                    retrain_every=config.retrain_every_seconds,
+                )
+            )
+        )
+        self._freshness_pending = False
 
     def run(self) -> ReplayResult:
         """Replay the whole stream, then close every window still open."""
@@ -146,7 +312,7 @@ class Replay:
             self._replay_batch(batch)
 
         self._learn_all(self.machine.flush(REPLAY_PARTITION))
-        if self.learner.examples_learned % self.config.timeline_every != 0:
+        if self._examples_decided % self.config.timeline_every != 0:
             self._add_timeline_row(self._last_decided_at)
         return self.result
 
@@ -155,6 +321,8 @@ class Replay:
         result = self.result
         if result.first_event_time is None:
             result.first_event_time = events[0].ts
+            if self._freshness_pending:
+                self._add_freshness_arms(events[0].ts)
         result.last_event_time = events[-1].ts
 
         join_result = self.machine.process(REPLAY_PARTITION, events)
@@ -170,8 +338,7 @@ class Replay:
             self._learn(examples[learned:offset])
             learned = offset
             if event.impression_id not in self._served:
-                self._served[event.impression_id] = self.learner.score(event)
-                self.learner.on_served(event)
+                self._served[event.impression_id] = [arm.serve(event) for arm in self.arms]
         self._learn(examples[learned:])
         result.join_counts.update(join_result.counts)
 
@@ -183,13 +350,18 @@ class Replay:
         if not examples:
             return
         result = self.result
+        holdout_from = self._holdout_from
         for example in examples:
-            impression_id = example.impression.impression_id
+            impression = example.impression
             if example.label_source == LabelSource.LATE_CLICK_CORRECTION:
                 served = None
             else:
-                served = self._served.pop(impression_id, None)
-            self.learner.learn(example, served)
+                served = self._served.pop(impression.impression_id, None)
+            evaluate = holdout_from is None or impression.ts >= holdout_from
+            for index, arm in enumerate(self.arms):
+                arm.learn(example, None if served is None else served[index], evaluate)
+            if evaluate and served is not None:
+                result.evaluated_times.append(impression.ts)
 
             result.label_counts[example.label_source.value] += 1
             if example.label_source == LabelSource.CLICK:
@@ -197,28 +369,38 @@ class Replay:
             if self._on_example is not None:
                 self._on_example(example)
             self._last_decided_at = example.decided_at.timestamp()
-            if self.learner.examples_learned % self.config.timeline_every == 0:
+            self._examples_decided += 1
+            if self._examples_decided % self.config.timeline_every == 0:
                 self._add_timeline_row(self._last_decided_at)
 
         keys = [example.dedup_key for example in examples]
         self.machine.store.acknowledge(REPLAY_PARTITION, keys)
 
     def _add_timeline_row(self, event_time: float | None) -> None:
-        evaluation = self.learner.evaluation
-        row: dict[str, Any] = {
-            "event_time": event_time,
-            "examples": self.learner.examples_learned,
-        }
+        row: dict[str, Any] = {"event_time": event_time, "examples": self._examples_decided}
+        main = self.learner.evaluation
         for arm in ("model", "baseline"):
-            overall = evaluation.served[arm]
-            rolling = evaluation.rolling[arm].report()
-            count = overall.count
-            row[f"{arm}_log_loss"] = overall.loss_sum / count if count else None
-            row[f"{arm}_rolling_log_loss"] = rolling.log_loss
-            row[f"{arm}_rolling_normalized_entropy"] = rolling.normalized_entropy
-            row[f"{arm}_rolling_auc"] = rolling.auc
-            row[f"{arm}_rolling_calibration"] = rolling.calibration
+            row.update(_timeline_columns(arm, main, arm))
+        for replay_arm in self.arms[1:]:
+            row.update(_timeline_columns(replay_arm.key, replay_arm.learner.evaluation, "model"))
         self.result.timeline.append(row)
+
+
+def _timeline_columns(prefix: str, evaluation: ProgressiveEvaluation, arm: str) -> dict[str, Any]:
+    overall = evaluation.served[arm]
+    rolling = evaluation.rolling[arm].report()
+    count = overall.count
+    return {
+        f"{prefix}_log_loss": overall.loss_sum / count if count else None,
+        f"{prefix}_rolling_log_loss": rolling.log_loss,
+        f"{prefix}_rolling_normalized_entropy": rolling.normalized_entropy,
+        f"{prefix}_rolling_auc": rolling.auc,
+        f"{prefix}_rolling_calibration": rolling.calibration,
+    }
+
+
+def _seconds(moment: dt.datetime | None) -> float | None:
+    return None if moment is None else moment.timestamp()
 
 
 def load_snapshot_file(path: Path) -> ModelBundle:

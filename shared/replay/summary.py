@@ -17,6 +17,7 @@ import numpy as np
 from shared.events import LabelSource
 from shared.join import JoinOutcome
 from shared.learn.models import BASELINE_MODEL
+from shared.replay.experiments import sections
 from shared.replay.runner import ReplayResult
 
 SUMMARY_WIDTH = 100
@@ -281,7 +282,7 @@ def format_summary(result: ReplayResult, report: dict[str, Any] | None = None) -
     """
     if report is None:
         report = result.evaluation.report()
-    sections = [
+    parts = [
         _header_lines(result),
         _served_lines(result, report),
         _prelearn_lines(result, report),
@@ -289,5 +290,6 @@ def format_summary(result: ReplayResult, report: dict[str, Any] | None = None) -
         _delay_lines(result),
         _count_lines("Join outcomes", join_outcome_counts(result), max_per_line=2),
         _count_lines("Labels by source", label_source_counts(result), max_per_line=3),
+        *(section.summary_lines(result) for section in sections()),
     ]
-    return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
+    return "\n\n".join("\n".join(lines) for lines in parts if lines) + "\n"

@@ -90,6 +90,7 @@ def test_metrics_json_keys(result: ReplayResult, tmp_path: Path) -> None:
         "invalid_lines",
         "event_time",
         "evaluation",
+        "experiments",
         "join_outcomes",
         "label_sources",
         "positive_label_delay_seconds",
