@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import logging
 import sys
+import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pydantic
 
 from shared.durations import parse_duration
 from shared.errors import OnlineCtrError
 from shared.logs import configure_logging
+
+if TYPE_CHECKING:
+    from shared.replay.runner import ReplayConfig
+    from shared.replay.targets import Target
 
 logger = logging.getLogger(__name__)
 
@@ -32,21 +40,23 @@ def _add_join_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--window",
         type=_duration,
-        default=600.0,
+        action="append",
+        default=None,
         metavar="DURATION",
-        help="attribution window after each impression, e.g. 10m or 600 (default: 10m)",
+        help="attribution window after each impression, e.g. 10m or 600 (default: 10m); "
+        "give it several times to compare windows: the first one drives the main replay",
     )
     group.add_argument(
         "--lateness",
         type=_duration,
-        default=60.0,
+        default=None,
         metavar="DURATION",
         help="how far the watermark trails the newest event time (default: 1m)",
     )
     group.add_argument(
         "--late-clicks",
         choices=("drop", "correct"),
-        default="drop",
+        default=None,
         help="clicks after their window closed: drop and count them, or also emit a "
         "positive correction (default: drop)",
     )
@@ -54,29 +64,67 @@ def _add_join_options(parser: argparse.ArgumentParser) -> None:
 
 # Replay.
 
+REPLAY_DESCRIPTION = """\
+Replay a recorded stream in event time: score each impression as it arrives,
+decide its label through the attribution window, learn, and report the model
+against the running-click-rate baseline.
+
+Every option can also come from a configuration file (--config, TOML or JSON)
+that uses the names in the report's config.json; an option given on the
+command line overrides the file. Each report writes config.json, so
+`online-ctr replay --config reports/replay/config.json` repeats a run.
+"""
+
+
+def _moment(text: str) -> dt.datetime:
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"cannot read time {text!r}; write ISO 8601 with a zone, e.g. 2019-11-28T00:00:00Z"
+        ) from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(
+            f"time {text!r} has no time zone; add one, e.g. {text}Z for UTC"
+        )
+    return moment
+
+
+def _target(text: str) -> Target:
+    from shared.replay.targets import Target
+
+    try:
+        return Target.parse(text)
+    except (ValueError, pydantic.ValidationError) as error:
+        raise argparse.ArgumentTypeError(str(error).splitlines()[0]) from None
+
 
 def _add_replay(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "replay",
         help="replay a recorded stream through the join, the learner and the metrics",
-        description=(
-            "Replay a recorded stream in event time: score each impression as it arrives, "
-            "decide its label through the attribution window, learn, and report the model "
-            "against the running-click-rate baseline."
-        ),
+        description=REPLAY_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="replay configuration file, .toml or .json; command-line options override it",
     )
     parser.add_argument(
         "--events",
         type=Path,
-        default=DEFAULT_SAMPLE,
+        default=None,
         metavar="PATH",
         help=f"recorded stream, .jsonl or .jsonl.gz (default: {DEFAULT_SAMPLE})",
     )
-    parser.add_argument("--model", default="ctr", help="model from the registry (default: ctr)")
+    parser.add_argument("--model", default=None, help="model from the registry (default: ctr)")
     parser.add_argument(
         "--delayed-feedback",
         choices=("fake_negative", "none"),
-        default="fake_negative",
+        default=None,
         help="fake_negative: learn each impression as a negative when served and calibrate "
         "(no start-up bias); none: learn each example when its label is decided "
         "(default: fake_negative)",
@@ -85,21 +133,21 @@ def _add_replay(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--segment-by",
         action="append",
-        default=[],
+        default=None,
         metavar="FEATURE",
         help="report metrics per value of this feature; repeat for several",
     )
     parser.add_argument(
         "--report",
         type=Path,
-        default=DEFAULT_REPORT_DIR,
+        default=None,
         metavar="DIR",
         help=f"directory for metrics, plots and index.html (default: {DEFAULT_REPORT_DIR})",
     )
     parser.add_argument(
         "--rolling-window",
         type=int,
-        default=10_000,
+        default=None,
         metavar="N",
         help="examples in the rolling metrics window (default: 10000)",
     )
@@ -111,54 +159,241 @@ def _add_replay(commands: argparse._SubParsersAction) -> None:
         help="start from this signed snapshot file (verified with ONLINE_CTR_SIGNING_KEYS) "
         "instead of an untrained model; `online-ctr snapshot export` writes one",
     )
+
+    judging = parser.add_argument_group("success target and holdout")
+    judging.add_argument(
+        "--target",
+        type=_target,
+        action="append",
+        default=None,
+        metavar="METRIC<=VALUE",
+        help="success criterion each model is judged by, e.g. 'normalized_entropy<=0.95' or "
+        "'auc>=0.7'; metrics: normalized_entropy, log_loss, auc, calibration_error; repeat "
+        "for several",
+    )
+    judging.add_argument(
+        "--holdout-from",
+        type=_moment,
+        default=None,
+        metavar="TIME",
+        help="evaluate only impressions at or after TIME (ISO 8601 with a zone); everything "
+        "before it is learned",
+    )
+    judging.add_argument(
+        "--after-holdout",
+        choices=("learn", "freeze"),
+        default=None,
+        help="after --holdout-from, keep learning or stop (default: learn)",
+    )
+
+    comparing = parser.add_argument_group("offline A/B")
+    comparing.add_argument(
+        "--compare",
+        action="append",
+        default=None,
+        metavar="MODEL",
+        help="also replay this registry model on the same examples and compare it with "
+        "--model by paired bootstrap; repeat for several",
+    )
+    comparing.add_argument(
+        "--confidence-level",
+        type=float,
+        default=None,
+        metavar="LEVEL",
+        help="confidence level of the bootstrap intervals (default: 0.95)",
+    )
+    comparing.add_argument(
+        "--bootstrap-samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="bootstrap resamples per compared metric (default: 1000)",
+    )
+    comparing.add_argument(
+        "--bootstrap-seed",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="seed of the bootstrap resampling (default: 0)",
+    )
+
+    fresh = parser.add_argument_group("freshness")
+    fresh.add_argument(
+        "--freshness",
+        action="store_true",
+        default=None,
+        help="also replay the model frozen at --freeze-at and retrained from scratch every "
+        "--retrain-every, and compare them with continuous learning",
+    )
+    fresh.add_argument(
+        "--freeze-at",
+        type=_moment,
+        default=None,
+        metavar="TIME",
+        help="when the frozen and retrained copies stop learning online (default: "
+        "--holdout-from, else the first event time plus --retrain-every)",
+    )
+    fresh.add_argument(
+        "--retrain-every",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="event time between two retrains from scratch (default: 1d)",
+    )
+
+    slices = parser.add_argument_group("slices and window what-if")
+    slices.add_argument(
+        "--slice-min-count",
+        type=int,
+        default=None,
+        metavar="N",
+        help="segments with fewer served examples are grouped into one row (default: 500)",
+    )
+    slices.add_argument(
+        "--calibration-tolerance",
+        type=float,
+        default=None,
+        metavar="X",
+        help="flag a segment whose calibration is off 1.0 by more than X (default: 0.2)",
+    )
+    slices.add_argument(
+        "--max-missed-click-share",
+        type=float,
+        default=None,
+        metavar="SHARE",
+        help="with several --window values, recommend the smallest window that misses at "
+        "most this share of clicks (default: 0.05)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(handler=_run_replay)
+
+
+# Command-line option name -> ReplayConfig field, for the options that map one to one.
+_REPLAY_FIELDS = {
+    "events": "events",
+    "model": "model",
+    "delayed_feedback": "delayed_feedback",
+    "segment_by": "segment_by",
+    "rolling_window": "rolling_window",
+    "initial_snapshot": "initial_snapshot",
+    "target": "targets",
+    "holdout_from": "holdout_from",
+    "after_holdout": "after_holdout",
+    "compare": "compare",
+    "confidence_level": "confidence_level",
+    "bootstrap_samples": "bootstrap_samples",
+    "bootstrap_seed": "bootstrap_seed",
+    "freshness": "freshness",
+    "freeze_at": "freeze_at",
+    "retrain_every": "retrain_every_seconds",
+    "slice_min_count": "slice_min_count",
+    "calibration_tolerance": "calibration_tolerance",
+    "max_missed_click_share": "max_missed_click_share",
+}
+_JOIN_FIELDS = {"lateness": "allowed_lateness_seconds", "late_clicks": "late_click_policy"}
+
+
+def replay_config_from(args: argparse.Namespace) -> tuple[ReplayConfig, Path]:
+    """Build the replay configuration and report directory from a file and the options.
+
+    An option given on the command line overrides the file; whatever neither
+    gives keeps its default.
+    """
+    from shared.replay.runner import ReplayConfig
+
+    values: dict[str, Any] = read_replay_config_file(args.config) if args.config else {}
+    report_dir = Path(values.pop("report", None) or DEFAULT_REPORT_DIR)
+    if args.report is not None:
+        report_dir = args.report
+    values.setdefault("events", str(DEFAULT_SAMPLE))
+
+    for option, name in _REPLAY_FIELDS.items():
+        value = getattr(args, option)
+        if value is not None:
+            values[name] = value
+    join = dict(values.get("join") or {})
+    for option, name in _JOIN_FIELDS.items():
+        value = getattr(args, option)
+        if value is not None:
+            join[name] = value
+    if args.window:
+        join["window_seconds"] = args.window[0]
+        values["what_if_windows"] = args.window if len(args.window) > 1 else []
+    values["join"] = join
+
+    source = f"in {str(args.config)!r}" if args.config else "on the command line"
+    try:
+        return ReplayConfig.model_validate(values), report_dir
+    except pydantic.ValidationError as error:
+        detail = error.errors(include_url=False)[0]
+        field = ".".join(str(part) for part in detail.get("loc", ())) or "(whole file)"
+        raise OnlineCtrError(
+            f"invalid replay setting {field} {source}: {detail.get('msg')}; "
+            "`online-ctr replay --help` lists the options"
+        ) from None
+
+
+def read_replay_config_file(path: Path) -> dict[str, Any]:
+    """Read a replay configuration file, TOML or JSON by its suffix, into a plain dict."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise OnlineCtrError(f"cannot read replay config {str(path)!r}: {error}") from None
+    try:
+        if path.suffix == ".toml":
+            values = tomllib.loads(text)
+        elif path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            raise OnlineCtrError(
+                f"replay config {str(path)!r} must end in .toml or .json to say its format"
+            )
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+        raise OnlineCtrError(f"replay config {str(path)!r} is not valid: {error}") from None
+    if not isinstance(values, dict):
+        raise OnlineCtrError(f"replay config {str(path)!r} must hold a table of settings")
+    return values
 
 
 def _run_replay(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from shared.join import JoinSettings
     from shared.replay.report import write_report
-    from shared.replay.runner import ReplayConfig, run_replay
+    from shared.replay.runner import run_replay
     from shared.replay.summary import format_summary
 
-    config = ReplayConfig(
-        events=args.events,
-        model=args.model,
-        delayed_feedback=args.delayed_feedback,
-        join=JoinSettings(
-            window_seconds=args.window,
-            allowed_lateness_seconds=args.lateness,
-            late_click_policy=args.late_clicks,
-        ),
-        segment_by=args.segment_by,
-        rolling_window=args.rolling_window,
-        initial_snapshot=args.initial_snapshot,
-    )
-    if not args.events.exists():
+    config, report_dir = replay_config_from(args)
+    if not config.events.exists():
         raise OnlineCtrError(
-            f"recorded stream {str(args.events)!r} not found; pass --events PATH, or run "
+            f"recorded stream {str(config.events)!r} not found; pass --events PATH, or run "
             "`make replay` from the repository root to use the bundled sample"
         )
 
-    size = args.events.stat().st_size
+    size = config.events.stat().st_size
+    passes = 2 if config.what_if_windows else 1
     with tqdm(
-        total=size,
+        total=size * passes,
         unit="B",
         unit_scale=True,
         desc="replay",
         disable=args.no_progress,
         file=sys.stderr,
     ) as bar:
+        done = 0
 
         def advance(position: int) -> None:
-            bar.update(position - bar.n)
+            bar.update(done + position - bar.n)
 
         result = run_replay(config, on_progress=advance)
+        if config.what_if_windows:
+            from shared.replay.experiments.windows import run_what_if
+
+            done = size
+            bar.set_description(f"window what-if ({len(config.what_if_windows)} windows)")
+            result.what_if = run_what_if(config, config.events, on_progress=advance)
 
     print(format_summary(result))
-    index = write_report(result, args.report)
+    index = write_report(result, report_dir)
     print(f"\nreport: {index}")
     return 0
 

@@ -1,6 +1,6 @@
 """Arms: several learners replayed side by side on the same examples.
 
-Every arm scores every impression and sees every label, in the same order, so
+Every arm scores every impression and receives every label, in the same order, so
 their per-example losses pair up. That pairing is what makes an offline A/B
 comparison and the freshness experiment fair: the arms differ only in their
 model or in when they are allowed to learn.
@@ -38,7 +38,7 @@ Schedule = Literal["continuous", "frozen", "retrain"]
 
 @dataclass(frozen=True, slots=True)
 class ArmSpec:
-    """What one arm runs: a registry model and the schedule it learns in."""
+    """The registry model an arm runs, and the schedule it learns in."""
 
     name: str
     model: str
@@ -84,7 +84,7 @@ class ReplayArm:
         return re.sub(r"[^0-9A-Za-z]+", "_", self.spec.name).strip("_").lower()
 
     def learns(self, impression: Impression) -> bool:
-        """Whether this arm still learns from an impression and its label."""
+        """Return whether this arm still learns from an impression and its label."""
         until = self.spec.learn_until
         return until is None or impression.ts < until
 

@@ -1,6 +1,6 @@
-"""Write a replay's report: metrics.json, timeline.csv, PNG plots and an index.html that shows them.
+"""Write a replay's report: metrics.json, config.json, timeline.csv, PNG plots and index.html.
 
-``metrics.json`` and ``timeline.csv`` hold no wall-clock numbers, so the same
+``metrics.json``, ``config.json`` and ``timeline.csv`` hold no wall-clock numbers, so the same
 events and settings always give the same bytes. The PNG files carry no
 software-version metadata. ``index.html`` embeds the console summary, which
 does include the wall time, so it differs between runs.
@@ -41,6 +41,8 @@ from shared.replay.summary import (
 )
 
 METRICS_FILE = "metrics.json"
+# Every setting of the run, in the form `online-ctr replay --config` reads.
+CONFIG_FILE = "config.json"
 TIMELINE_FILE = "timeline.csv"
 INDEX_FILE = "index.html"
 NORMALIZED_ENTROPY_PLOT = "normalized_entropy.png"
@@ -80,6 +82,9 @@ def write_report(result: ReplayResult, directory: Path) -> Path:
     metrics_text = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False)
     (directory / METRICS_FILE).write_bytes((metrics_text + "\n").encode("utf-8"))
     (directory / TIMELINE_FILE).write_bytes(_timeline_csv(result.timeline).encode("utf-8"))
+    config = {"report": str(directory), **result.config.model_dump(mode="json")}
+    config_text = json.dumps(config, indent=2, ensure_ascii=False)
+    (directory / CONFIG_FILE).write_bytes((config_text + "\n").encode("utf-8"))
 
     _plot_normalized_entropy(result, directory / NORMALIZED_ENTROPY_PLOT)
     _plot_log_loss(result, directory / LOG_LOSS_PLOT)

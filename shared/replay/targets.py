@@ -72,7 +72,7 @@ class TargetVerdict:
     met: bool | None
 
     def describe(self) -> str:
-        """One phrase, e.g. ``met: normalized_entropy 0.9412 <= 0.95``."""
+        """Return one phrase, e.g. ``met: normalized_entropy 0.9412 <= 0.95``."""
         target = self.target
         if self.met is None:
             return f"not measurable: {target.metric} is undefined on these examples"

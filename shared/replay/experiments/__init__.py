@@ -1,6 +1,6 @@
-"""Experiments on a replay, each answering one question a team asks before it deploys.
+"""Experiments on a replay, each answering one question that comes before a deployment.
 
-Every module listed in ``SECTIONS`` has the same four names, which the console
+Every module that ``sections()`` returns has the same four names, which the console
 summary and the HTML report call in that order:
 
 - ``NAME``: the key of its numbers in ``metrics.json`` under ``experiments``;
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 class Section(Protocol):
-    """What the summary and the report need from an experiment module."""
+    """The interface of an experiment module, as the summary and the report call it."""
 
     NAME: str
 
@@ -33,6 +33,6 @@ class Section(Protocol):
 
 
 def sections() -> tuple[Section, ...]:
-    """The experiment modules in report order."""
+    """Return the experiment modules in report order."""
     # Imported here because each module imports the runner, which imports this package.
     return ()
