@@ -98,6 +98,10 @@ class LabelSource(enum.StrEnum):
     CLICK = "click"
     WINDOW_CLOSED = "window_closed"
     LATE_CLICK_CORRECTION = "late_click_correction"
+    # Not a decided label: the notice that an impression was served, emitted
+    # when the joiner first reads it, for trainers that learn every impression
+    # as a negative at once (fake-negative calibration). Its label is always 0.
+    SERVED = "served"
 
 
 class ServedScore(_Model):
@@ -162,6 +166,12 @@ class LabeledExample(_Model):
     label_delay_seconds: float = Field(ge=0.0)
     label_source: LabelSource
     decided_at: UtcDatetime
+
+    @pydantic.model_validator(mode="after")
+    def _served_is_negative(self) -> LabeledExample:
+        if self.label_source == LabelSource.SERVED and self.label != 0:
+            raise ValueError("label_source 'served' needs label 0: a served notice is no click")
+        return self
 
     @property
     def dedup_key(self) -> str:

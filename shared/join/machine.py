@@ -211,6 +211,9 @@ class _Batch:
         deadline = impression.ts + self.window
         record = ImpressionRecord(impression, RecordState.PENDING, deadline)
         self.counts[JoinOutcome.IMPRESSION_OPENED] += 1
+        if self.settings.emit_served:
+            # Before any label, so a trainer reading in order learns the fake negative first.
+            self._emit(impression, 0, LabelSource.SERVED, impression.ts)
 
         if impression_id in self.held:
             held = self._release(impression_id)

@@ -38,6 +38,14 @@ class JoinSettings(BaseModel):
         ),
     )
 
+    emit_served: bool = Field(
+        default=False,
+        description=(
+            "Also emit a 'served' example for each new impression when it is read, before "
+            "its label, for trainers under fake-negative calibration."
+        ),
+    )
+
     @model_validator(mode="after")
     def _default_retention(self) -> JoinSettings:
         if self.closed_retention_seconds is None:

@@ -272,3 +272,28 @@ def test_event_offsets_mark_examples_released_before_each_event(make_machine) ->
     emitted = [(e.impression.impression_id, e.label) for e in result.examples]
     assert emitted == [("i1", 0), ("i2", 1)]
     assert result.event_offsets == [1, 1, 2]
+
+
+def test_served_notice_precedes_label(make_machine) -> None:
+    machine = make_machine(emit_served=True)
+    events = build_events([("c", "i2", 5), ("i", "i1", 0), ("i", "i2", 1), ("c", "i1", 30)])
+
+    result = machine.process(0, events)
+    again = machine.process(0, events)
+
+    emitted = [(e.impression.impression_id, e.label_source.value, e.label) for e in result.examples]
+    assert emitted == [
+        ("i1", "served", 0),
+        ("i2", "served", 0),
+        ("i2", "click", 1),
+        ("i1", "click", 1),
+    ]
+    assert again.examples == []
+
+
+def test_served_notice_off_by_default(make_machine) -> None:
+    machine = make_machine()
+
+    result = machine.process(0, build_events([("i", "i1", 0), ("c", "i1", 30)]))
+
+    assert [e.label_source.value for e in result.examples] == ["click"]
