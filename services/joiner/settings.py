@@ -19,6 +19,13 @@ class JoinerSettings(ServiceSettings):
     window_seconds: float = Field(default=600.0, gt=0)
     allowed_lateness_seconds: float = Field(default=60.0, ge=0)
     late_click_policy: LateClickPolicy = LateClickPolicy.DROP
+    emit_served: bool = Field(
+        default=False,
+        description=(
+            "Also emit a 'served' example for each new impression, before its label, for a "
+            "trainer with ONLINE_CTR_DELAYED_FEEDBACK=fake_negative."
+        ),
+    )
     closed_retention_seconds: float | None = Field(default=None, ge=0)
     idle_timeout_seconds: float | None = Field(
         default=None,
@@ -82,6 +89,7 @@ class JoinerSettings(ServiceSettings):
     def join_settings(self) -> JoinSettings:
         """Return the join's window and policies."""
         return JoinSettings(
+            emit_served=self.emit_served,
             window_seconds=self.window_seconds,
             allowed_lateness_seconds=self.allowed_lateness_seconds,
             late_click_policy=self.late_click_policy,

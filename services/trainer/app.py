@@ -26,15 +26,25 @@ from services.trainer.settings import TrainerSettings
 from shared.clock import Clock, SystemClock
 from shared.drift import FeatureProfileBuilder
 from shared.errors import InvalidEventError, SnapshotError
-from shared.events import LabeledExample, parse_example
+from shared.events import LabeledExample, LabelSource, parse_example
 from shared.learn.learner import OnlineLearner, Scores
 from shared.learn.models import BASELINE_MODEL, build_model
 from shared.learn.sampling import NegativeSampler
 from shared.metrics.evaluation import ProgressiveEvaluation
 from shared.registry import ModelRegistry
+from shared.service import ExponentialBackoff
 from shared.snapshots import ModelBundle
 
 logger = logging.getLogger(__name__)
+
+# Under fake-negative calibration, this many decided examples without a single
+# served notice means the joiner does not emit them, which is logged as an error.
+SERVED_NOTICE_CHECK_AFTER = 1000
+
+# An offset commit waits at most this long for the group coordinator. During a
+# broker outage kafka-python would otherwise retry for the consumer's request
+# timeout, and the snapshot holds the positions anyway.
+COMMIT_TIMEOUT_MS = 10_000
 
 
 def served_scores(example: LabeledExample) -> Scores | None:
@@ -82,14 +92,20 @@ class Trainer:
             model=self.sampler.wrap(build_model(settings.model)),
             baseline=build_model(BASELINE_MODEL),
             evaluation=ProgressiveEvaluation(settings.rolling_window, settings.segment_features),
+            delayed_feedback=settings.delayed_feedback,
         )
         self.profile = FeatureProfileBuilder()
         # Next offset to read per partition of the examples topic.
         self.positions: dict[int, int] = {}
         self.restored_positions: dict[int, int] = {}
         self.examples_seen = 0
+        self.decided_examples = 0
+        self.served_notices = 0
         self.unpublished = 0
         self.last_snapshot_at = self.clock.monotonic()
+        # Delays between attempts while Redis fails; no snapshot is tried before publish_retry_at.
+        self.redis_backoff = ExponentialBackoff()
+        self.publish_retry_at = 0.0
 
     # Life cycle.
 
@@ -129,9 +145,14 @@ class Trainer:
         self.consumer.subscribe([self.settings.topic_examples], listener=_RebalanceListener(self))
 
     def on_assigned(self, assigned) -> None:
-        """Seek to the snapshot's positions, which win over committed offsets."""
+        """Seek to the snapshot's positions on a partition's first assignment.
+
+        They win over committed offsets once. After a later rebalance the
+        committed offsets are newer, and seeking back would learn the records
+        in between a second time, because each one's marker names its position.
+        """
         for tp in assigned:
-            restored = self.restored_positions.get(tp.partition)
+            restored = self.restored_positions.pop(tp.partition, None)
             if restored is not None:
                 self.consumer.seek(tp, restored)
                 self.positions[tp.partition] = restored
@@ -175,6 +196,8 @@ class Trainer:
         except redis.exceptions.RedisError as error:
             self._rewind(records, error)
             return
+        if records:
+            self.redis_backoff.reset()
 
         if self._snapshot_due():
             self.publish()
@@ -211,6 +234,25 @@ class Trainer:
             self.positions[tp.partition] = batch[-1].offset + 1
 
     def _learn_one(self, example: LabeledExample) -> None:
+        if example.label_source == LabelSource.SERVED:
+            self._learn_served(example)
+            return
+
+        self.decided_examples += 1
+        if (
+            self.decided_examples == SERVED_NOTICE_CHECK_AFTER
+            and self.settings.delayed_feedback == "fake_negative"
+            and self.served_notices == 0
+        ):
+            # Under fake-negative calibration a negative is learned only from
+            # its served notice, so without notices the model learns only clicks.
+            logger.error(
+                "%d decided examples but no served notice read: the model learns only "
+                "positives; set ONLINE_CTR_EMIT_SERVED=true on the joiner, or "
+                "ONLINE_CTR_DELAYED_FEEDBACK=none on the trainer",
+                self.decided_examples,
+            )
+
         served = served_scores(example)
         weight = self.sampler.weight(example)
         if weight == 0.0:
@@ -225,16 +267,39 @@ class Trainer:
         if served is not None:
             self.profile.update(example.impression.learning_features(), served.model)
 
+    def _learn_served(self, example: LabeledExample) -> None:
+        self.served_notices += 1
+        if self.settings.delayed_feedback != "fake_negative":
+            self.metrics.served_notices.labels(action="ignored").inc()
+            return
+
+        self.learner.on_served(example.impression)
+        self.metrics.served_notices.labels(action="learned").inc()
+        self.unpublished += 1
+
     def _rewind(self, records, error: Exception) -> None:
-        """Seek back to the first record of a batch that failed, so it is read again."""
-        logger.warning("Redis failed while de-duplicating (%s); re-reading the batch", error)
+        """Seek back to the first record of each batch not learned, then wait before the retry."""
+        unlearned = 0
         for tp, batch in records.items():
             if batch and self.positions.get(tp.partition, -1) <= batch[0].offset:
                 self.consumer.seek(tp, batch[0].offset)
-        self.clock.sleep(1.0)
+                unlearned += len(batch)
+
+        delay = self.redis_backoff.next_delay()
+        logger.warning(
+            "De-duplicating failed on Redis (attempt %d: %s); %d examples are read again "
+            "after a retry in %.1f s",
+            self.redis_backoff.attempt,
+            error,
+            unlearned,
+            delay,
+        )
+        # The heartbeat thread keeps the group membership during the wait,
+        # which stays below the 10 s maximum delay.
+        self.clock.sleep(delay)
 
     def _snapshot_due(self) -> bool:
-        if self.unpublished == 0:
+        if self.unpublished == 0 or self.clock.monotonic() < self.publish_retry_at:
             return False
         if self.unpublished >= self.settings.snapshot_every_examples:
             return True
@@ -262,9 +327,18 @@ class Trainer:
             )
         except (SnapshotError, redis.exceptions.RedisError) as error:
             self.metrics.snapshot_failures.inc()
-            logger.warning("Publishing a snapshot failed (%s); offsets stay uncommitted", error)
+            delay = self.redis_backoff.next_delay()
+            self.publish_retry_at = self.clock.monotonic() + delay
+            logger.warning(
+                "Publishing a snapshot failed (attempt %d: %s); offsets stay uncommitted, "
+                "retrying in %.1f s",
+                self.redis_backoff.attempt,
+                error,
+                delay,
+            )
             return
 
+        self.redis_backoff.reset()
         self.unpublished = 0
         self.last_snapshot_at = self.clock.monotonic()
         self.metrics.model_version.set(metadata.version)
@@ -282,7 +356,7 @@ class Trainer:
         if not commit:
             return
         try:
-            self.consumer.commit(commit)
+            self.consumer.commit(commit, timeout_ms=COMMIT_TIMEOUT_MS)
         except (CommitFailedError, KafkaError) as error:
             # The snapshot contains the positions, and a restart resumes from it anyway.
             logger.warning("Offset commit failed (%s); the snapshot keeps the positions", error)

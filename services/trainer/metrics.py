@@ -33,6 +33,13 @@ class TrainerMetrics:
             "Examples dropped because an earlier copy was already learned.",
             registry=registry,
         )
+        self.served_notices = Counter(
+            "octr_trainer_served_notices_total",
+            "Served notices read: learned as fake negatives, or ignored without "
+            "fake-negative calibration.",
+            ["action"],
+            registry=registry,
+        )
         self.negatives_sampled_out = Counter(
             "octr_trainer_negatives_sampled_out_total",
             "Negative examples not learned because of negative downsampling.",

@@ -56,6 +56,15 @@ class TrainerSettings(ServiceSettings):
         ),
     )
 
+    delayed_feedback: Literal["none", "fake_negative"] = Field(
+        default="none",
+        description=(
+            "fake_negative learns each impression as a negative from the joiner's served "
+            "notice and calibrates, which removes the start-up bias; it needs "
+            "ONLINE_CTR_EMIT_SERVED=true on the joiner. none learns each decided example."
+        ),
+    )
+
     max_poll_records: int = Field(default=2000, ge=1)
     poll_timeout_ms: int = Field(default=200, ge=0)
     session_timeout_ms: int = Field(default=10_000, ge=1000)
@@ -69,6 +78,12 @@ class TrainerSettings(ServiceSettings):
             raise ValueError(
                 "heartbeat_interval_ms must be at most a third of session_timeout_ms "
                 f"(got {self.heartbeat_interval_ms} and {self.session_timeout_ms})"
+            )
+        if self.delayed_feedback == "fake_negative" and self.negative_sampling_rate < 1:
+            raise ValueError(
+                "fake_negative delayed feedback learns every impression as a negative, so it "
+                "cannot be combined with negative downsampling; set "
+                "ONLINE_CTR_NEGATIVE_SAMPLING_RATE=1 or ONLINE_CTR_DELAYED_FEEDBACK=none"
             )
         if (self.signing_keys is None) != (self.signing_key_id is None):
             raise ValueError(

@@ -8,9 +8,13 @@ model learn one twice.
 
 from __future__ import annotations
 
+import gzip
+import itertools
+
 import pytest
 import redis
 
+from shared.learn.sampling import FakeNegativeCalibrated
 from shared.registry import ModelRegistry
 from shared.snapshots import SigningKeys
 from tests.services.conftest import wait_until
@@ -36,15 +40,24 @@ def live_env(pipeline_env: dict[str, str], unique_name: str) -> dict[str, str]:
     }
 
 
-def learned_labels(client: redis.Redis, namespace: str) -> set[tuple[str, int]]:
-    """Read the trainer's de-duplication markers: one per example that reached learning."""
-    labels = set()
+def dedup_markers(client: redis.Redis, namespace: str) -> list[tuple[str, str]]:
+    """Read the trainer's de-duplication markers as (impression_id, label source) pairs."""
     prefix = f"{namespace}:seen:{{"
+    markers = []
     for key in client.scan_iter(match=f"{namespace}:seen:*", count=10_000):
         dedup_key = key.decode()[len(prefix) : -1]
         impression_id, source = dedup_key.rsplit("/", 1)
-        labels.add((impression_id, SOURCE_LABELS[source]))
-    return labels
+        markers.append((impression_id, source))
+    return markers
+
+
+def learned_labels(client: redis.Redis, namespace: str) -> set[tuple[str, int]]:
+    """Return (impression_id, label) for each decided example that reached learning."""
+    return {
+        (impression_id, SOURCE_LABELS[source])
+        for impression_id, source in dedup_markers(client, namespace)
+        if source != "served"
+    }
 
 
 def newest_snapshot(client: redis.Redis, namespace: str):
@@ -111,3 +124,40 @@ def test_restart_mid_stream_loses_and_repeats_nothing(
     assert learned_labels(redis_client, namespace) == expected
     metadata, _ = newest_snapshot(redis_client, live_env["ONLINE_CTR_REGISTRY_NAMESPACE"])
     assert metadata.examples_seen == len(expected)
+
+
+def test_served_notices_become_fake_negatives(
+    live_env, start_service, redis_client, tmp_path
+) -> None:
+    stream = tmp_path / "head.jsonl"
+    with gzip.open(SAMPLE, "rt", encoding="utf-8") as sample:
+        stream.write_text("".join(itertools.islice(sample, 8000)), encoding="utf-8")
+    expected = replay_labels(stream)
+    impression_ids = {impression_id for impression_id, _ in expected}
+    namespace = live_env["ONLINE_CTR_DEDUP_NAMESPACE"]
+    produce(stream, live_env)
+
+    joiner_env = {**live_env, "ONLINE_CTR_EMIT_SERVED": "true"}
+    trainer_env = {**live_env, "ONLINE_CTR_DELAYED_FEEDBACK": "fake_negative"}
+    joiner = start_service(["joiner"], joiner_env, name="joiner")
+    trainer = start_service(["trainer"], trainer_env, name="trainer")
+    wait_until(
+        lambda: len(dedup_markers(redis_client, namespace)) >= 2 * len(expected),
+        timeout=180,
+        message="the trainer did not read every served notice and label",
+        services=(joiner, trainer),
+    )
+    assert trainer.stop() == 0, trainer.log()
+    assert joiner.stop() == 0, joiner.log()
+
+    served = {
+        impression_id
+        for impression_id, source in dedup_markers(redis_client, namespace)
+        if source == "served"
+    }
+    assert served == impression_ids
+    assert learned_labels(redis_client, namespace) == expected
+    metadata, bundle = newest_snapshot(redis_client, live_env["ONLINE_CTR_REGISTRY_NAMESPACE"])
+    assert isinstance(bundle.model, FakeNegativeCalibrated)
+    assert metadata.examples_seen == len(expected)
+    assert "no served notice read" not in trainer.log()
