@@ -77,6 +77,9 @@ DEMO_SETTINGS: Mapping[str, str] = {
     "ONLINE_CTR_ALLOWED_LATENESS_SECONDS": "5",
     "ONLINE_CTR_IDLE_TIMEOUT_SECONDS": "15",
     "ONLINE_CTR_SNAPSHOT_EVERY_SECONDS": "10",
+    # The joiner's served notices let the trainer learn fake negatives.
+    "ONLINE_CTR_EMIT_SERVED": "true",
+    "ONLINE_CTR_DELAYED_FEEDBACK": "fake_negative",
     "ONLINE_CTR_SEGMENT_BY": "user_segment,category",
     "ONLINE_CTR_ROLLING_WINDOW": "3000",
     "ONLINE_CTR_RELOAD_POLL_INTERVAL_SECONDS": "2",
