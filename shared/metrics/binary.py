@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,6 +145,27 @@ class BinaryMetrics:
         Both arrays are empty when the metrics were built with ``keep_scores=False``.
         """
         return np.array(self._scores, dtype=np.float64), np.array(self._labels, dtype=np.int8)
+
+
+def pool_binary_metrics(parts: Iterable[BinaryMetrics]) -> BinaryMetrics:
+    """Combine the metrics of disjoint sets of examples into the metrics of their union.
+
+    Counts and sums add up, so the pooled log loss, normalised entropy and
+    calibration are those of all the examples together, not averages of the
+    parts' ratios. The pooled AUC is exact when every part kept its scores;
+    otherwise the pooled metrics keep no scores and report no AUC.
+    """
+    parts = list(parts)
+    pooled = BinaryMetrics(keep_scores=all(part.keep_scores for part in parts))
+    for part in parts:
+        pooled.count += part.count
+        pooled.positives += part.positives
+        pooled.loss_sum += part.loss_sum
+        pooled.prediction_sum += part.prediction_sum
+        if pooled.keep_scores:
+            pooled._scores.extend(part._scores)
+            pooled._labels.extend(part._labels)
+    return pooled
 
 
 class RollingBinaryMetrics:

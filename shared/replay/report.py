@@ -32,8 +32,8 @@ from shared.replay.summary import (
     format_duration,
     format_event_time,
     format_metric,
-    format_rate,
     format_summary,
+    holdout_facts,
     join_outcome_counts,
     label_delay_quantiles,
     label_source_counts,
@@ -559,6 +559,9 @@ def _run_section(result: ReplayResult) -> str:
         ),
         ("segments", ", ".join(config.segment_by) or "none"),
     ]
+    holdout = holdout_facts(result)
+    if holdout is not None:
+        facts.append(("holdout", "; ".join(holdout)))
     rows = [
         f"<tr><th>{_escape(name)}</th>{_cell(value, number=False)}</tr>" for name, value in facts
     ]
@@ -573,7 +576,11 @@ def _verdict_paragraph(result: ReplayResult, report: dict[str, Any]) -> str:
         css_class = "verdict none"
     elif model_ne >= baseline_ne:
         css_class = "verdict worse"
-    return f'<p class="{css_class}">{_escape(normalized_entropy_verdict(result, report))}</p>'
+    paragraph = f'<p class="{css_class}">{_escape(normalized_entropy_verdict(result, report))}</p>'
+    # Imported here because the experiment modules import this one.
+    from shared.replay.experiments.verdicts import target_paragraph
+
+    return paragraph + target_paragraph(result)
 
 
 def _comparison_section(result: ReplayResult, report: dict[str, Any]) -> str:
@@ -686,64 +693,6 @@ def _counts_section(result: ReplayResult) -> str:
     )
 
 
-def _segment_rows(by_value: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
-    # Largest segments first, and the value breaks ties so the order is stable.
-    ordered = sorted(by_value.items(), key=lambda item: (-item[1]["model"]["count"], item[0]))
-    rows = []
-    for value, arms in ordered:
-        model, baseline = arms["model"], arms["baseline"]
-        worse = (
-            model["normalized_entropy"] is not None
-            and baseline["normalized_entropy"] is not None
-            and model["normalized_entropy"] > baseline["normalized_entropy"]
-        )
-        cells = [
-            _cell(value, number=False),
-            _cell(format_count(model["count"])),
-            _cell(format_count(model["positives"])),
-            _cell(format_rate(model["click_rate"])),
-            _cell(format_metric("normalized_entropy", model["normalized_entropy"])),
-            _cell(format_metric("normalized_entropy", baseline["normalized_entropy"])),
-            _cell(format_metric("calibration", model["calibration"])),
-            _cell(format_metric("calibration", baseline["calibration"])),
-            _cell(format_metric("auc", model["auc"])),
-        ]
-        row_class = ' class="worse"' if worse else ""
-        rows.append(f"<tr{row_class}>{''.join(cells)}</tr>")
-    return rows
-
-
-def _segments_section(result: ReplayResult, report: dict[str, Any]) -> str:
-    segments = report["segments"]
-    if not segments:
-        return ""
-    model = result.config.model
-    headers = [
-        "value",
-        "examples",
-        "clicks",
-        "click rate",
-        f"NE {model}",
-        f"NE {BASELINE_MODEL}",
-        f"calibration {model}",
-        f"calibration {BASELINE_MODEL}",
-        f"AUC {model}",
-    ]
-    parts = [
-        "<h2>Segments</h2>",
-        '<p class="note">Served-score metrics per value of each segment feature, largest first. '
-        f"Rows in red are segments where {_escape(model)} has a higher normalised entropy than "
-        f"the {BASELINE_MODEL} baseline.</p>",
-    ]
-    for feature, by_value in segments.items():
-        parts.append(f"<h3>{_escape(feature)}</h3>")
-        if by_value:
-            parts.append(_table(headers, _segment_rows(by_value)))
-        else:
-            parts.append('<p class="note">No served examples.</p>')
-    return "".join(parts)
-
-
 def _invalid_section(result: ReplayResult) -> str:
     if not result.invalid_lines:
         return ""
@@ -770,7 +719,6 @@ def _render_html(result: ReplayResult, report: dict[str, Any], experiments: str)
             experiments,
             _delay_section(result),
             _counts_section(result),
-            _segments_section(result, report),
             _invalid_section(result),
             "<h2>Console summary</h2>",
             f"<pre>{_escape(format_summary(result, report))}</pre>",

@@ -190,6 +190,8 @@ class ReplayResult:
     # The impression time of each example in the served-score metrics, in
     # their order: the same for every arm, so metrics can be cut by time.
     evaluated_times: array = field(default_factory=lambda: array("d"))
+    # Examples whose impression came before holdout_from: learned, never evaluated.
+    examples_before_holdout: int = 0
     # Set by the attribution-window what-if when it ran (shared.replay.experiments.windows).
     what_if: Any = None
 
@@ -362,6 +364,8 @@ class Replay:
                 arm.learn(example, None if served is None else served[index], evaluate)
             if evaluate and served is not None:
                 result.evaluated_times.append(impression.ts)
+            elif not evaluate:
+                result.examples_before_holdout += 1
 
             result.label_counts[example.label_source.value] += 1
             if example.label_source == LabelSource.CLICK:

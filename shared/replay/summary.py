@@ -9,6 +9,7 @@ gap to the served ones is the cost of the label delay. Every line fits in
 from __future__ import annotations
 
 import datetime as dt
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -141,7 +142,31 @@ def normalized_entropy_verdict(result: ReplayResult, report: dict[str, Any] | No
     )
 
 
+def holdout_facts(result: ReplayResult) -> tuple[str, str] | None:
+    """Return two phrases that describe the time holdout, or None without one.
+
+    The first says when it starts and whether learning goes on, the second
+    how many examples were evaluated and learned, for example
+    ``from 2019-11-28T00:00:00.000Z, learning after it: stops`` and
+    ``12,345 examples evaluated, 6,789 learned before it``.
+    """
+    holdout_from = result.config.holdout_from
+    if holdout_from is None:
+        return None
+    learning = "stops" if result.config.after_holdout == "freeze" else "continues"
+    return (
+        f"from {format_event_time(holdout_from.timestamp())}, learning after it: {learning}",
+        f"{len(result.evaluated_times):,} examples evaluated, "
+        f"{result.examples_before_holdout:,} learned before it",
+    )
+
+
 # The text summary.
+
+
+def wrap_line(text: str) -> list[str]:
+    """Wrap one long line to :data:`SUMMARY_WIDTH` columns, indenting the continuation lines."""
+    return textwrap.wrap(text, SUMMARY_WIDTH, subsequent_indent="  ", break_on_hyphens=False)
 
 
 def _shorten(text: str, width: int) -> str:
@@ -185,7 +210,7 @@ def _header_lines(result: ReplayResult) -> list[str]:
     span = None
     if result.first_event_time is not None and result.last_event_time is not None:
         span = result.last_event_time - result.first_event_time
-    return [
+    lines = [
         f"Replay of {_shorten(str(result.config.events), path_width)}",
         f"  events read       {result.events:,}: {result.impressions:,} impressions, "
         f"{result.clicks:,} clicks; {invalid:,} invalid lines skipped",
@@ -193,6 +218,11 @@ def _header_lines(result: ReplayResult) -> list[str]:
         f"  event time        {format_event_time(result.first_event_time)} to "
         f"{format_event_time(result.last_event_time)} ({format_duration(span)})",
     ]
+    holdout = holdout_facts(result)
+    if holdout is not None:
+        lines.append(f"  holdout           {holdout[0]}")
+        lines.append(f"                    {holdout[1]}")
+    return lines
 
 
 def _served_lines(result: ReplayResult, report: dict[str, Any]) -> list[str]:
@@ -215,6 +245,12 @@ def _served_lines(result: ReplayResult, report: dict[str, Any]) -> list[str]:
             f"  {report['unserved_examples']:,} examples had no served score and are left out above"
         )
     lines.append(f"Verdict: {normalized_entropy_verdict(result, report)}")
+    # Imported here because the experiment modules import this one.
+    from shared.replay.experiments.verdicts import overall_verdict
+
+    target_verdict = overall_verdict(result)
+    if target_verdict is not None:
+        lines.extend(wrap_line(f"Targets: {target_verdict}"))
     return lines
 
 
@@ -232,6 +268,10 @@ def _prelearn_lines(result: ReplayResult, report: dict[str, Any]) -> list[str]:
     lines.append(
         "  every label decided before it; their gap to served scores is the cost of label delay."
     )
+    if result.config.holdout_from is not None and result.config.after_holdout == "freeze":
+        lines.append(
+            "  Learning stops at the holdout time, so evaluated examples have no pre-learn scores."
+        )
     served_ne = report["served"]["model"]["normalized_entropy"]
     prelearn_ne = report["prelearn"]["model"]["normalized_entropy"]
     if served_ne is not None and prelearn_ne is not None:

@@ -35,4 +35,6 @@ class Section(Protocol):
 def sections() -> tuple[Section, ...]:
     """Return the experiment modules in report order."""
     # Imported here because each module imports the runner, which imports this package.
-    return ()
+    from shared.replay.experiments import slices, verdicts
+
+    return (verdicts, slices)

@@ -9,6 +9,7 @@ from shared.metrics.binary import (
     RollingBinaryMetrics,
     binary_entropy,
     log_loss_one,
+    pool_binary_metrics,
     roc_auc,
 )
 
@@ -96,3 +97,48 @@ def test_empty_report_has_no_values() -> None:
     assert report.count == 0
     assert report.log_loss is None
     assert report.auc is None
+
+
+def test_pooled_metrics_equal_union() -> None:
+    rng = np.random.default_rng(5)
+    scores = rng.uniform(0.01, 0.4, 300)
+    labels = (rng.uniform(size=scores.size) < scores).astype(int)
+    union = BinaryMetrics()
+    parts = [BinaryMetrics() for _ in range(3)]
+    # The parts differ in size, so an average of their ratios differs from the pooled value.
+    part_of = np.digitize(np.arange(scores.size), [20, 60])
+    for score, label, part in zip(scores, labels, part_of, strict=True):
+        union.update(float(score), int(label))
+        parts[part].update(float(score), int(label))
+
+    pooled = pool_binary_metrics(parts).report()
+
+    expected = union.report()
+    assert pooled.count == expected.count == 300
+    assert pooled.positives == expected.positives
+    assert pooled.log_loss == pytest.approx(expected.log_loss)
+    assert pooled.normalized_entropy == pytest.approx(expected.normalized_entropy)
+    assert pooled.calibration == pytest.approx(expected.calibration)
+    assert pooled.auc == pytest.approx(expected.auc)
+    mean_of_ratios = np.mean([part.report().normalized_entropy for part in parts])
+    assert pooled.normalized_entropy != pytest.approx(mean_of_ratios)
+
+
+def test_pooled_metrics_without_kept_scores() -> None:
+    with_scores, without_scores = BinaryMetrics(), BinaryMetrics(keep_scores=False)
+    with_scores.update(0.2, 1)
+    without_scores.update(0.1, 0)
+
+    pooled = pool_binary_metrics([with_scores, without_scores]).report()
+
+    assert pooled.count == 2
+    assert pooled.positives == 1
+    assert pooled.auc is None
+    assert pooled.calibration == pytest.approx(0.3)
+
+
+def test_pooled_metrics_of_nothing_are_empty() -> None:
+    report = pool_binary_metrics([]).report()
+
+    assert report.count == 0
+    assert report.normalized_entropy is None

@@ -172,20 +172,6 @@ def test_html_links_plots_and_escapes(result: ReplayResult, tmp_path: Path) -> N
         assert f"<td>{outcome.value}</td>" in html_text, outcome
 
 
-def test_html_highlights_segment_worse_than_baseline(tmp_path: Path) -> None:
-    result = replay(synthetic_events())
-    segment = result.evaluation.segments["ad"]["a"]
-    # Perfect baseline scores in one segment make the model worse than the baseline there.
-    segment["baseline"] = type(segment["baseline"])()
-    for _ in range(10):
-        segment["baseline"].update(1.0, 1)
-        segment["baseline"].update(0.0, 0)
-
-    html_text = write_report(result, tmp_path).read_text(encoding="utf-8")
-
-    assert '<tr class="worse"><td>a</td>' in html_text
-
-
 def test_report_without_positives(tmp_path: Path) -> None:
     result = replay(synthetic_events(clicks=False))
 
