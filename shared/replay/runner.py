@@ -162,6 +162,11 @@ class ReplayConfig(BaseModel):
                 f"model {repeated[0]!r} is listed twice among model and compare; "
                 "give each compared model once"
             )
+        if self.join.emit_served:
+            raise ValueError(
+                "join.emit_served is for the live joiner; replay serves each impression "
+                "itself, so leave it false"
+            )
         if any(window <= 0 for window in self.what_if_windows):
             raise ValueError(
                 f"what-if windows must be positive seconds, got {self.what_if_windows}"
@@ -209,7 +214,7 @@ class ReplayResult:
 
 
 def freshness_arm_names(model: str, retrain_every_seconds: float) -> tuple[str, str]:
-    """The names of the frozen and the retrained copies of ``model``."""
+    """Return the names of the frozen and the retrained copies of ``model``."""
     from shared.replay.summary import format_duration
 
     return f"{model} frozen", f"{model} retrained every {format_duration(retrain_every_seconds)}"
@@ -310,9 +315,20 @@ class Replay:
 
     def replay(self, events: Iterable[Impression | Click]) -> ReplayResult:
         """Replay events in the order given, then flush; usable without a file."""
+        self.feed(events)
+        return self.finish()
+
+    def feed(self, events: Iterable[Impression | Click]) -> None:
+        """Replay events in the order given and leave open windows open for more.
+
+        Several replays can take one stream in step this way, batch by batch,
+        and give the same numbers as one ``replay`` call each.
+        """
         for batch in _batched(events, REPLAY_BATCH_EVENTS):
             self._replay_batch(batch)
 
+    def finish(self) -> ReplayResult:
+        """Close every window still open, as at the end of input, and return the result."""
         self._learn_all(self.machine.flush(REPLAY_PARTITION))
         if self._examples_decided % self.config.timeline_every != 0:
             self._add_timeline_row(self._last_decided_at)

@@ -89,3 +89,8 @@ def test_invalid_lines_are_skipped_and_kept(tmp_path: Path) -> None:
 
     assert [line.line_number for line in result.invalid_lines] == [2, 3]
     assert result.impressions == 1
+
+
+def test_served_notices_rejected_in_replay() -> None:
+    with pytest.raises(ValueError, match="join.emit_served is for the live joiner"):
+        ReplayConfig(events=Path("unused"), join={"emit_served": True})
