@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import Counter as Tally
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -56,11 +56,12 @@ from services.scorer.models import (
     ModelReloader,
     Scored,
     ScoringError,
+    ServingModels,
 )
 from services.scorer.settings import ScorerSettings
 from shared.clock import Clock, SystemClock
 from shared.errors import UnavailableError
-from shared.events import Features, Identifier
+from shared.events import MAX_FEATURE_NAME_CHARS, Features, Identifier
 from shared.kafka import make_producer
 from shared.registry import ModelRegistry
 from shared.service import make_redis
@@ -284,10 +285,24 @@ def _field_errors(errors: Sequence[Any]) -> list[dict[str, object]]:
             existing = merged.get(loc)
             if existing is not None and existing["type"] != "feature_value_type":
                 continue
-            merged[loc] = {"type": kind, "loc": list(loc), "msg": message}
+            merged[loc] = {"type": kind, "loc": _shortened(loc), "msg": message}
             continue
-        merged.setdefault(loc, {"type": kind, "loc": list(loc), "msg": detail.get("msg")})
+        merged.setdefault(loc, {"type": kind, "loc": _shortened(loc), "msg": detail.get("msg")})
     return list(merged.values())
+
+
+def _shortened(loc: tuple[object, ...]) -> list[object]:
+    """Return the location with each name over the feature name limit cut to that limit.
+
+    A feature name that is too long is part of its own error's location, and
+    the response must not echo up to a megabyte of input back.
+    """
+    return [
+        part[:MAX_FEATURE_NAME_CHARS] + "..."
+        if isinstance(part, str) and len(part) > MAX_FEATURE_NAME_CHARS
+        else part
+        for part in loc
+    ]
 
 
 # Scoring.
@@ -391,6 +406,28 @@ class ScoringService:
             f"rejected ({failure.reason}): {failure.message}"
         )
 
+    def not_ready_reason(self, models: ServingModels, now: float) -> str | None:
+        """Return why /readyz fails, or None while a fresh enough champion is served.
+
+        An unreachable registry alone does not make the scorer unready,
+        because the loaded champion still scores. Only its age ends readiness.
+        """
+        champion = models.champion
+        max_age = self.settings.max_model_age_seconds
+        if champion is None:
+            return self.not_ready_message()
+        if champion.age_seconds(now) > max_age:
+            return (
+                f"model {champion.model_version} is {champion.age_seconds(now):.0f} s old, "
+                f"older than ONLINE_CTR_MAX_MODEL_AGE_SECONDS={max_age:g}; check that the "
+                "trainer is publishing snapshots and that the scorer reaches the registry"
+            )
+        return None
+
+    def is_ready(self) -> bool:
+        """Return whether /readyz returns 200 now."""
+        return self.not_ready_reason(self.holder.models, self.clock.time()) is None
+
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """Return whether a fresh enough champion is served, with the details /readyz shows."""
         models = self.holder.models
@@ -414,37 +451,41 @@ class ScoringService:
             }
             for arm, failure in self.holder.failures.items()
         }
+        registry = self.holder.registry
+        body["registry"] = {
+            "reachable": registry.reachable,
+            "seconds_since_last_success": (
+                None
+                if registry.last_success_at is None
+                else round(max(0.0, now - registry.last_success_at), 3)
+            ),
+            "error": registry.error,
+        }
 
-        champion = models.champion
-        max_age = self.settings.max_model_age_seconds
-        if champion is None:
-            body["reason"] = self.not_ready_message()
-        elif champion.age_seconds(now) > max_age:
-            body["reason"] = (
-                f"model {champion.model_version} is {champion.age_seconds(now):.0f} s old, "
-                f"older than ONLINE_CTR_MAX_MODEL_AGE_SECONDS={max_age:g}; check that the "
-                "trainer is publishing snapshots"
-            )
-        ready = "reason" not in body
-        body["ready"] = ready
-        return ready, body
+        reason = self.not_ready_reason(models, now)
+        if reason is not None:
+            body["reason"] = reason
+        body["ready"] = reason is None
+        return reason is None, body
 
 
 # Background work.
 
 
 class BackgroundRefresher:
-    """Refresh the model age gauges every second and the drift gauges every few seconds."""
+    """Refresh the model age and readiness gauges every second, and the drift gauges less often."""
 
     def __init__(
         self,
         holder: ModelHolder,
+        is_ready: Callable[[], bool],
         drift: DriftMonitor,
         metrics: ScorerMetrics,
         drift_refresh_seconds: float,
         clock: Clock,
     ) -> None:
         self.holder = holder
+        self.is_ready = is_ready
         self.drift = drift
         self.metrics = metrics
         self.drift_refresh_seconds = drift_refresh_seconds
@@ -453,7 +494,7 @@ class BackgroundRefresher:
         self._thread: threading.Thread | None = None
 
     def refresh_model_ages(self) -> None:
-        """Set each arm's model age and version gauges."""
+        """Set each arm's model age and version gauges, and the readiness gauge."""
         now = self.clock.time()
         models = self.holder.models
         for arm in ARMS:
@@ -461,6 +502,7 @@ class BackgroundRefresher:
             if model is not None:
                 self.metrics.model_age.labels(arm=arm).set(model.age_seconds(now))
                 self.metrics.model_version.labels(arm=arm).set(model.version)
+        self.metrics.ready.set(1 if self.is_ready() else 0)
 
     def refresh_drift(self) -> None:
         """Recompute the drift gauges against the champion's reference profile."""
@@ -539,7 +581,10 @@ def create_app(
         settings.challenger_share, settings.shadow_mode, settings.challenger_split_salt, metrics
     )
     service = ScoringService(settings, holder, router, sink, drift, metrics, clock)
-    refresher = BackgroundRefresher(holder, drift, metrics, settings.drift_refresh_seconds, clock)
+    refresher = BackgroundRefresher(
+        holder, service.is_ready, drift, metrics, settings.drift_refresh_seconds, clock
+    )
+    refresher.refresh_model_ages()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -636,6 +681,7 @@ def _add_routes(app: FastAPI, service: ScoringService, metrics_registry: Collect
 
 
 def _export_thresholds(metrics: ScorerMetrics, settings: ScorerSettings) -> None:
+    metrics.max_model_age.set(settings.max_model_age_seconds)
     metrics.psi_threshold.set(settings.psi_threshold)
     metrics.missing_ratio_threshold.set(settings.missing_ratio_threshold)
     metrics.unseen_category_ratio_threshold.set(settings.unseen_category_ratio_threshold)
@@ -663,6 +709,7 @@ def _load_initial_models(reloader: ModelReloader) -> None:
     try:
         reloader.check_all()
     except (UnavailableError, redis.RedisError) as error:
+        reloader.record_unavailable(error)
         logger.warning(
             "Model registry unavailable at start-up (%s); retrying in the background", error
         )

@@ -98,6 +98,24 @@ class ScorerMetrics:
             ["arm", "reason"],
             registry=registry,
         )
+        self.registry_last_success = Gauge(
+            "octr_scorer_registry_last_success_timestamp_seconds",
+            "Unix time at which the model registry in Redis last answered the reloader.",
+            multiprocess_mode=_PER_WORKER,
+            registry=registry,
+        )
+        self.ready = Gauge(
+            "octr_scorer_ready",
+            "1 while /readyz returns 200, else 0; refreshed every second.",
+            multiprocess_mode=_PER_WORKER,
+            registry=registry,
+        )
+        self.max_model_age = Gauge(
+            "octr_scorer_max_model_age_seconds",
+            "Configured champion snapshot age above which /readyz fails.",
+            multiprocess_mode="max",
+            registry=registry,
+        )
 
     def _define_impression_log(self, registry: CollectorRegistry) -> None:
         self.impression_log_sent = Counter(

@@ -100,6 +100,20 @@ class ServingModels:
 
 
 @dataclass(frozen=True, slots=True)
+class RegistryStatus:
+    """The reloader's latest contact with the model registry, in Unix seconds.
+
+    ``reachable`` is None before the first attempt. ``error`` and
+    ``unreachable_since`` are set only while the registry is unreachable.
+    """
+
+    reachable: bool | None = None
+    last_success_at: float | None = None
+    error: str | None = None
+    unreachable_since: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ReloadFailure:
     """The last snapshot of an arm that could not be loaded, and why."""
 
@@ -121,6 +135,7 @@ class ModelHolder:
     def __init__(self, models: ServingModels | None = None) -> None:
         self.models = models or ServingModels()
         self.failures: Mapping[str, ReloadFailure] = {}
+        self.registry = RegistryStatus()
         self._write_lock = threading.Lock()
 
     def install(self, model: LoadedModel) -> None:
@@ -133,6 +148,11 @@ class ModelHolder:
         """Remember the latest failure of an arm, for /readyz."""
         with self._write_lock:
             self.failures = {**self.failures, failure.arm: failure}
+
+    def set_registry_status(self, status: RegistryStatus) -> None:
+        """Replace what /readyz shows about the registry."""
+        with self._write_lock:
+            self.registry = status
 
 
 class ReloadError(Exception):
@@ -260,6 +280,7 @@ class ModelReloader:
         """Load the newest version of one arm's slot unless it is served or was rejected."""
         slot = self.slots[arm]
         latest = self.registry.latest_version(slot)
+        self._mark_reachable()
         if latest is None:
             return
         current = self.holder.models.get(arm)
@@ -289,6 +310,8 @@ class ModelReloader:
     def _reject(self, arm: Arm, slot: str, version: int, error: ReloadError) -> None:
         if error.reason in PERMANENT_REASONS:
             self._rejected[arm] = version
+        if error.reason == "unavailable":
+            self._mark_unreachable(error)
         self.metrics.model_reload_failures.labels(arm=arm, reason=error.reason).inc()
         self.holder.record_failure(
             ReloadFailure(arm, slot, version, error.reason, str(error), self.clock.time())
@@ -323,6 +346,7 @@ class ModelReloader:
             try:
                 if subscription is None:
                     subscription = self.registry.subscribe()
+                    self._mark_reachable()
                     # Announcements sent while unsubscribed are lost, so poll at once.
                     next_poll = 0.0
 
@@ -338,7 +362,7 @@ class ModelReloader:
                 backoff.reset()
             except (UnavailableError, redis.RedisError) as error:
                 subscription = self._close(subscription)
-                self._count_unavailable()
+                self.record_unavailable(error)
                 delay = backoff.next_delay()
                 logger.warning("Model registry unavailable (%s); retrying in %.1f s", error, delay)
                 self._stop.wait(delay)
@@ -356,9 +380,35 @@ class ModelReloader:
             if slot == announcement.model_name:
                 self.check(arm)
 
-    def _count_unavailable(self) -> None:
+    def record_unavailable(self, error: Exception) -> None:
+        """Count a failed registry contact for every arm and show it on /readyz."""
         for arm in self.slots:
             self.metrics.model_reload_failures.labels(arm=arm, reason="unavailable").inc()
+        self._mark_unreachable(error)
+
+    def _mark_reachable(self) -> None:
+        now = self.clock.time()
+        previous = self.holder.registry
+        self.holder.set_registry_status(RegistryStatus(reachable=True, last_success_at=now))
+        self.metrics.registry_last_success.set(now)
+        if previous.unreachable_since is not None:
+            logger.info(
+                "Model registry reachable again after %.1f s unreachable",
+                now - previous.unreachable_since,
+            )
+
+    def _mark_unreachable(self, error: Exception) -> None:
+        now = self.clock.time()
+        previous = self.holder.registry
+        since = previous.unreachable_since if previous.unreachable_since is not None else now
+        self.holder.set_registry_status(
+            RegistryStatus(
+                reachable=False,
+                last_success_at=previous.last_success_at,
+                error=str(error),
+                unreachable_since=since,
+            )
+        )
 
     @staticmethod
     def _close(subscription: AnnouncementSubscription | None) -> None:

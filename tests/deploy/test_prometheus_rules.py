@@ -86,17 +86,86 @@ def test_drift_alerts_compare_against_exported_thresholds() -> None:
     assert "octr_scorer_unseen_category_ratio_threshold" in rules["UnseenCategoriesHigh"]
 
 
+def test_model_age_alerts_read_exported_gauges() -> None:
+    rules = {rule["alert"]: rule["expr"] for rule in alert_rules()}
+
+    assert "octr_scorer_max_model_age_seconds" in rules["ServedModelStale"]
+    assert "octr_scorer_ready" in rules["ScorerNotReady"]
+    assert "3600" not in rules["ServedModelStale"] + rules["ScorerNotReady"]
+
+
 def test_constant_thresholds_match_service_defaults() -> None:
-    from services.scorer.settings import ScorerSettings
     from services.trainer.settings import TrainerSettings
 
     rules = {rule["alert"]: rule["expr"] for rule in alert_rules()}
-    max_age = ScorerSettings.model_fields["max_model_age_seconds"].default
     snapshot_every = TrainerSettings.model_fields["snapshot_every_seconds"].default
 
-    assert f"> {max_age:g}" in rules["ScorerNotReady"]
-    assert f"> {max_age / 2:g}" in rules["ServedModelStale"]
     assert f"> {snapshot_every * 10:g}" in rules["ModelSnapshotStale"]
+
+
+# Series and expected alerts for `promtool test rules`, run on a copy of the
+# rules without annotations, which promtool would otherwise compare too. The scorer's maximum
+# model age is 600 s, not the default, so the alert must follow the gauge.
+# Instance a serves a model that ages 30 s per minute. It passes 300 s, half
+# the maximum, after 10 minutes, so ServedModelStale fires 5 minutes later.
+# The readiness gauge of instance b drops to 0 at minute 2, so ScorerNotReady
+# fires 5 minutes later.
+SCORER_ALERT_TESTS = """
+rule_files:
+  - {alerts}
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'up{{job="scorer", instance="a"}}'
+        values: '1x30'
+      - series: 'up{{job="scorer", instance="b"}}'
+        values: '1x30'
+      - series: 'octr_scorer_max_model_age_seconds{{job="scorer", instance="a"}}'
+        values: '600x30'
+      - series: 'octr_scorer_max_model_age_seconds{{job="scorer", instance="b"}}'
+        values: '600x30'
+      - series: 'octr_scorer_model_age_seconds{{job="scorer", instance="a", arm="champion"}}'
+        values: '0+30x30'
+      - series: 'octr_scorer_model_age_seconds{{job="scorer", instance="b", arm="champion"}}'
+        values: '10x30'
+      - series: 'octr_scorer_ready{{job="scorer", instance="a"}}'
+        values: '1x30'
+      - series: 'octr_scorer_ready{{job="scorer", instance="b"}}'
+        values: '1 1 0x28'
+    alert_rule_test:
+      - eval_time: 14m
+        alertname: ServedModelStale
+        exp_alerts: []
+      - eval_time: 16m
+        alertname: ServedModelStale
+        exp_alerts:
+          - exp_labels: {{severity: warning, job: scorer, instance: a}}
+      - eval_time: 6m
+        alertname: ScorerNotReady
+        exp_alerts: []
+      - eval_time: 8m
+        alertname: ScorerNotReady
+        exp_alerts:
+          - exp_labels: {{severity: critical, job: scorer, instance: b}}
+"""
+
+
+def test_scorer_alerts_fire_on_exported_gauges(promtool, tmp_path) -> None:
+    groups = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))
+    for group in groups["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    alerts = tmp_path / "alerts.yml"
+    alerts.write_text(yaml.safe_dump(groups), encoding="utf-8")
+    tests = tmp_path / "scorer_alerts_test.yml"
+    tests.write_text(SCORER_ALERT_TESTS.format(alerts=alerts), encoding="utf-8")
+
+    result = subprocess.run(
+        [promtool, "test", "rules", str(tests)], capture_output=True, text=True, timeout=60
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_scrape_jobs_match_local_demo() -> None:

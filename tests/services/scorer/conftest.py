@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -98,6 +99,36 @@ def scorer_settings(**overrides: Any) -> ScorerSettings:
     }
     values.update(overrides)
     return ScorerSettings(**values)
+
+
+def scorer_process_env(redis_url: str, namespace: str) -> dict[str, str]:
+    """Environment for an ``online-ctr scorer`` process that needs only Redis.
+
+    The impression log is off, so no broker is needed, and the HTTP port is
+    a free loopback port.
+    """
+    env = {key: value for key, value in os.environ.items() if not key.startswith("ONLINE_CTR_")}
+    env.update(
+        {
+            "ONLINE_CTR_REDIS_URL": redis_url,
+            "ONLINE_CTR_REGISTRY_NAMESPACE": namespace,
+            "ONLINE_CTR_SIGNING_KEYS": SIGNING_KEY,
+            "ONLINE_CTR_SIGNING_KEY_ID": "k1",
+            "ONLINE_CTR_HTTP_HOST": "127.0.0.1",
+            "ONLINE_CTR_HTTP_PORT": str(find_free_port()),
+            "ONLINE_CTR_LOG_IMPRESSIONS": "false",
+            "ONLINE_CTR_LOG_LEVEL": "INFO",
+        }
+    )
+    return env
+
+
+def is_ready(url: str) -> bool:
+    """Return whether the scorer at ``url`` returns 200 on /readyz."""
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 class RecordingSink:

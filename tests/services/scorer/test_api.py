@@ -227,6 +227,18 @@ def test_body_without_json_content_type_rejected(client):
     assert response.json()["detail"][0]["loc"] == ["body"]
 
 
+def test_too_long_feature_name_cut_in_location(client):
+    name = "n" * 3000
+
+    response = client.post("/v1/score", json={"item_id": "a", "features": {name: 1}})
+
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "features", "n" * 128 + "...", "[key]"]
+    assert error["type"] == "string_too_long"
+    assert len(response.content) < 1024
+
+
 def test_batch_over_configured_size_rejected(client):
     requests = [{"item_id": "a"}] * 4
 
@@ -313,6 +325,12 @@ def test_readyz_with_fresh_model(client):
     assert body["ready"] is True
     assert body["champion"]["model_version"] == "champion:7"
     assert body["challenger"] is None
+    # This app serves a holder's models without a registry, so it never contacts Redis.
+    assert body["registry"] == {
+        "reachable": None,
+        "seconds_since_last_success": None,
+        "error": None,
+    }
 
 
 def test_readyz_with_old_model(serve):
@@ -331,6 +349,27 @@ def test_readyz_with_old_model(serve):
     assert "ONLINE_CTR_MAX_MODEL_AGE_SECONDS" in response.json()["reason"]
     # An old model still serves: readiness only steers new traffic away.
     assert client.post("/v1/score", json={"item_id": "a"}).status_code == 200
+
+
+def test_ready_gauge_follows_readyz(serve, metrics_registry):
+    fresh = loaded(stub_bundle())
+    old = loaded(stub_bundle(), created_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=2))
+    holder = holder_with(fresh)
+    app = create_app(
+        scorer_settings(max_model_age_seconds=3600),
+        holder=holder,
+        sink=RecordingSink(),
+        metrics_registry=metrics_registry,
+    )
+    serve(app)
+
+    assert metrics_registry.get_sample_value("octr_scorer_ready") == 1.0
+    assert metrics_registry.get_sample_value("octr_scorer_max_model_age_seconds") == 3600.0
+
+    holder.install(old)
+    app.state.refresher.refresh_model_ages()
+
+    assert metrics_registry.get_sample_value("octr_scorer_ready") == 0.0
 
 
 class FailingModel(FixedProbability):

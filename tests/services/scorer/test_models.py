@@ -114,6 +114,12 @@ def test_newest_snapshot_loaded_at_start(start_scorer, registry, metrics_registr
     assert metrics_registry.get_sample_value("octr_scorer_model_version", {"arm": "champion"}) == 2
     assert metrics_registry.get_sample_value("octr_scorer_model_reloads_total", {"arm": "champion"})
     assert client.get("/readyz").status_code == 200
+    registry_status = client.get("/readyz").json()["registry"]
+    assert registry_status["reachable"] is True
+    assert registry_status["seconds_since_last_success"] < RELOAD_TIMEOUT_S
+    assert registry_status["error"] is None
+    last_success = "octr_scorer_registry_last_success_timestamp_seconds"
+    assert metrics_registry.get_sample_value(last_success) > 0.0
 
 
 def test_first_model_served_once_published(start_scorer, registry):
@@ -393,3 +399,8 @@ def test_redis_unavailable_serves_503_and_counts(serve, metrics_registry):
         timeout=RELOAD_TIMEOUT_S,
         message="the unreachable registry was not counted",
     )
+    registry = client.get("/readyz").json()["registry"]
+    assert registry["reachable"] is False
+    assert registry["seconds_since_last_success"] is None
+    assert "Redis unavailable" in registry["error"]
+    assert metrics_registry.get_sample_value("octr_scorer_ready") == 0.0
