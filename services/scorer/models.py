@@ -9,7 +9,8 @@ never waits for a reload.
 A snapshot is verified before it is unpickled, and each failure is counted
 by its reason:
 
-- ``unavailable``: Redis could not be reached; retried at the next poll.
+- ``unavailable``: Redis could not be reached; retried after an exponential
+  back-off of at most 10 s.
 - ``not_found``: the version was dropped between listing and fetching it;
   retried at the next poll.
 - ``verification_failed``: unsigned, tampered, signed with an unknown key,
