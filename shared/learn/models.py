@@ -11,10 +11,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from river import base, compose, linear_model, optim, preprocessing, tree
+from river import base, compose, linear_model, metrics, optim, preprocessing, tree
 
 from shared.errors import ConfigError
 from shared.learn.features import RunningClickRates, ScaleNumeric
+from shared.learn.selection import SuccessiveHalvingSelector
 
 # Hashed feature space: 2**20 buckets keep collisions rare for a few hundred
 # thousand distinct feature values and cost 8 MB per dense weight vector only
@@ -142,6 +143,27 @@ def build_prior(prior_rate: float = 0.01, prior_strength: float = 10.0) -> base.
     return RunningClickRate(prior_rate=prior_rate, prior_strength=prior_strength)
 
 
+def build_select(
+    learning_rates: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3),
+    budget: int = 80_000,
+    eta: int = 2,
+) -> base.Classifier:
+    """Race the ctr model at several FTRL learning rates by successive halving on log loss.
+
+    Every candidate learns each example until River's successive halving drops
+    the worse half by running log loss, and the survivor then learns alone. With
+    four candidates and eta 2, two remain after budget / 8 learn calls and one
+    after budget / 4. ``shared/learn/selection.py`` records the choices.
+    """
+    return SuccessiveHalvingSelector(
+        [build_ctr(learning_rate=rate) for rate in learning_rates],
+        metric=metrics.LogLoss(),
+        budget=budget,
+        eta=eta,
+        candidate_names=[f"ctr alpha={rate:g}" for rate in learning_rates],
+    )
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A named way to build a model."""
@@ -162,6 +184,7 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec("logreg", build_logreg),
         ModelSpec("hoeffding", build_hoeffding),
         ModelSpec("prior", build_prior),
+        ModelSpec("select", build_select),
     )
 }
 DEFAULT_MODEL = "ctr"
