@@ -207,7 +207,7 @@ def _add_replay(commands: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="bootstrap resamples per compared metric (default: 1000)",
+        help="bootstrap resamples, shared by every compared model and metric (default: 1000)",
     )
     comparing.add_argument(
         "--bootstrap-seed",

@@ -90,7 +90,9 @@ class ReplayConfig(BaseModel):
         default=0.95, gt=0.5, lt=1.0, description="Confidence level of the bootstrap intervals."
     )
     bootstrap_samples: int = Field(
-        default=1000, ge=100, description="Bootstrap resamples per compared metric."
+        default=1000,
+        ge=100,
+        description="Bootstrap resamples, shared by every compared model and metric.",
     )
     bootstrap_seed: int = Field(default=0, description="Seed of the bootstrap resampling.")
 
