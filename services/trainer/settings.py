@@ -85,6 +85,15 @@ class TrainerSettings(ServiceSettings):
                 "cannot be combined with negative downsampling; set "
                 "ONLINE_CTR_NEGATIVE_SAMPLING_RATE=1 or ONLINE_CTR_DELAYED_FEEDBACK=none"
             )
+        if (
+            self.model == "select"
+            and self.negative_sampling_rate < 1
+            and self.negative_sampling_correction == "weight"
+        ):
+            raise ValueError(
+                "the select model learns without sample weights, so it cannot take weighted "
+                "negatives; set ONLINE_CTR_NEGATIVE_SAMPLING_CORRECTION=recalibrate"
+            )
         if (self.signing_keys is None) != (self.signing_key_id is None):
             raise ValueError(
                 "set both ONLINE_CTR_SIGNING_KEYS and ONLINE_CTR_SIGNING_KEY_ID, or neither"

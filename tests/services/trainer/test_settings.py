@@ -20,3 +20,10 @@ def test_fake_negatives_default_off() -> None:
 
 def test_joiner_passes_served_setting() -> None:
     assert JoinerSettings(emit_served=True).join_settings().emit_served is True
+
+
+def test_select_rejects_weighted_negatives() -> None:
+    with pytest.raises(ValueError, match="cannot take weighted negatives"):
+        TrainerSettings(
+            model="select", negative_sampling_rate=0.5, negative_sampling_correction="weight"
+        )
