@@ -35,6 +35,13 @@ class Section(Protocol):
 def sections() -> tuple[Section, ...]:
     """Return the experiment modules in report order."""
     # Imported here because each module imports the runner, which imports this package.
-    from shared.replay.experiments import comparison, selection, slices, verdicts, windows
+    from shared.replay.experiments import (
+        comparison,
+        freshness,
+        selection,
+        slices,
+        verdicts,
+        windows,
+    )
 
-    return (verdicts, comparison, selection, slices, windows)
+    return (verdicts, comparison, selection, slices, freshness, windows)
