@@ -54,6 +54,14 @@ def _add_join_options(parser: argparse.ArgumentParser) -> None:
         help="how far the watermark trails the newest event time (default: 1m)",
     )
     group.add_argument(
+        "--retention",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="how long after its window a decided impression is remembered, so that late "
+        "clicks are recognised (default: one window)",
+    )
+    group.add_argument(
         "--late-clicks",
         choices=("drop", "correct"),
         default=None,
@@ -290,7 +298,11 @@ _REPLAY_FIELDS = {
     "calibration_tolerance": "calibration_tolerance",
     "max_missed_click_share": "max_missed_click_share",
 }
-_JOIN_FIELDS = {"lateness": "allowed_lateness_seconds", "late_clicks": "late_click_policy"}
+_JOIN_FIELDS = {
+    "lateness": "allowed_lateness_seconds",
+    "retention": "closed_retention_seconds",
+    "late_clicks": "late_click_policy",
+}
 
 
 def replay_config_from(args: argparse.Namespace) -> tuple[ReplayConfig, Path]:
@@ -494,6 +506,21 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         help="mean click delay, exponential distribution (default: 2m)",
     )
     parser.add_argument(
+        "--delay-median",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="draw click delays from a log-normal distribution with this median instead, "
+        "for a long tail of late clicks; needs --delay-sigma",
+    )
+    parser.add_argument(
+        "--delay-sigma",
+        type=float,
+        default=None,
+        metavar="SIGMA",
+        help="standard deviation of the log-normal delay's logarithm, e.g. 2",
+    )
+    parser.add_argument(
         "--rate",
         type=float,
         default=10.0,
@@ -514,7 +541,15 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         "--drift-click-rate",
         type=float,
         default=None,
-        help="base click probability after the drift (default: half the base rate)",
+        help="base click probability after the drift (default: half the base rate, unless "
+        "--drift-flip is given)",
+    )
+    parser.add_argument(
+        "--drift-flip",
+        action="append",
+        choices=("item", "category", "price", "segment"),
+        default=None,
+        help="negate this effect on the click logit after the drift; repeat for several",
     )
     parser.set_defaults(handler=_run_generate)
 
@@ -524,21 +559,37 @@ def _run_generate(args: argparse.Namespace) -> int:
         Drift,
         ExponentialDelay,
         GeneratorSettings,
+        LognormalDelay,
         drift_time_at_fraction,
         write_generated,
     )
 
+    if (args.delay_median is None) != (args.delay_sigma is None):
+        raise OnlineCtrError(
+            "log-normal click delays need both --delay-median and --delay-sigma; give both, "
+            "or neither for exponential delays with --delay-mean"
+        )
+    delay = (
+        ExponentialDelay(mean_seconds=args.delay_mean)
+        if args.delay_median is None
+        else LognormalDelay(median_seconds=args.delay_median, sigma=args.delay_sigma)
+    )
     settings = GeneratorSettings(
         impressions=args.impressions,
         seed=args.seed,
         impressions_per_second=args.rate,
         base_click_rate=args.click_rate,
-        delay=ExponentialDelay(mean_seconds=args.delay_mean),
+        delay=delay,
     )
     if args.drift_at is not None:
+        flips = frozenset(args.drift_flip or ())
+        drift_click_rate = args.drift_click_rate
+        if drift_click_rate is None and not flips:
+            drift_click_rate = args.click_rate / 2
         drift = Drift(
             at=drift_time_at_fraction(settings, args.drift_at),
-            base_click_rate=args.drift_click_rate or args.click_rate / 2,
+            base_click_rate=drift_click_rate,
+            flip_effects=flips,
         )
         settings = settings.model_copy(update={"drift": drift})
     summary = write_generated(settings, args.out, args.truth)

@@ -287,7 +287,9 @@ class Replay:
 
     def _add_freshness_arms(self, first_event_time: float) -> None:
         config = self.config
-        freeze_at = _seconds(config.freeze_at) or self._holdout_from
+        freeze_at = _seconds(config.freeze_at)
+        if freeze_at is None:
+            freeze_at = self._holdout_from
         if freeze_at is None:
             freeze_at = first_event_time + config.retrain_every_seconds
         frozen, retrained = freshness_arm_names(config.model, config.retrain_every_seconds)

@@ -103,8 +103,12 @@ def join_outcome_counts(result: ReplayResult) -> dict[str, int]:
 
 
 def label_source_counts(result: ReplayResult) -> dict[str, int]:
-    """Return the count of every label source, zeros included, in the enum's order."""
-    counts = {source.value: result.label_counts.get(source.value, 0) for source in LabelSource}
+    """Return the count of every label source but served notices, zeros included, in order."""
+    counts = {
+        source.value: result.label_counts.get(source.value, 0)
+        for source in LabelSource
+        if source != LabelSource.SERVED
+    }
     for source in sorted(set(result.label_counts) - set(counts)):
         counts[source] = result.label_counts[source]
     return counts

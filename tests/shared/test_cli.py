@@ -11,6 +11,7 @@ import pytest
 from shared.cli import build_parser, main, replay_config_from
 from shared.errors import OnlineCtrError
 from shared.replay.report import CONFIG_FILE, METRICS_FILE
+from shared.streams.generate import read_truth
 from shared.streams.recorded import write_events
 from tests.shared.replay.test_report import synthetic_events
 
@@ -140,3 +141,31 @@ def test_missing_stream_exits_with_hint(tmp_path: Path, capfd: pytest.CaptureFix
 
     assert status == 2
     assert "not found; pass --events PATH" in capfd.readouterr().err
+
+
+def test_retention_option_reaches_join() -> None:
+    config, _ = config_from(["--window", "10m", "--retention", "1d"])
+
+    assert config.join.closed_retention_seconds == 86_400
+
+
+def test_generate_lognormal_delays_and_flip(tmp_path: Path) -> None:
+    argv = ["generate", "--out", str(tmp_path / "s.jsonl"), "--truth", str(tmp_path / "t.jsonl")]
+    argv += ["--impressions", "3000", "--delay-median", "10m", "--delay-sigma", "2"]
+    argv += ["--drift-at", "0.5", "--drift-flip", "item"]
+
+    assert main(argv) == 0
+
+    truth = read_truth(tmp_path / "t.jsonl")
+    delays = sorted(r.click_delay_seconds for r in truth if r.click_delay_seconds is not None)
+    median = delays[len(delays) // 2]
+    # With a median of 10 minutes and sigma 2, the 90th percentile is about 130 minutes.
+    assert 300 < median < 1200
+    assert delays[-len(delays) // 10] > 3600
+
+
+def test_generate_median_needs_sigma(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    status = main(["generate", "--out", str(tmp_path / "s.jsonl"), "--delay-median", "10m"])
+
+    assert status == 2
+    assert "need both --delay-median and --delay-sigma" in capfd.readouterr().err

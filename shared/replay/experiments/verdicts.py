@@ -16,7 +16,7 @@ from typing import Any
 from shared.replay.arms import ReplayArm
 from shared.replay.report import _cell, _escape, _table
 from shared.replay.runner import ReplayResult
-from shared.replay.summary import format_event_time, wrap_line
+from shared.replay.summary import format_event_time
 from shared.replay.targets import TargetVerdict
 
 NAME = "targets"
@@ -113,7 +113,11 @@ def _outcome(main: ArmVerdicts) -> bool | None:
 
 
 def summary_lines(result: ReplayResult) -> list[str]:
-    """List each continuous arm's verdict on each target, then the main model's verdict."""
+    """List each continuous arm's verdict on each target.
+
+    The main model's overall verdict is not repeated here: the summary states
+    it at the top, under the baseline verdict.
+    """
     if not result.config.targets or not result.arms:
         return []
     judged = judged_arms(result)
@@ -123,7 +127,6 @@ def summary_lines(result: ReplayResult) -> list[str]:
     for arm in judged:
         for verdict in arm.verdicts:
             lines.append(f"  {arm.arm.ljust(name_width)}{verdict.describe()}")
-    lines.extend(wrap_line(f"Target verdict: {_verdict_text(judged[0], scope)}"))
     return lines
 
 
