@@ -25,6 +25,12 @@ def log_loss_one(probability: float, label: int) -> float:
     return -math.log(p) if label else -math.log(1.0 - p)
 
 
+def log_losses(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Return the log loss of each prediction in nats, clamped like :func:`log_loss_one`."""
+    clamped = np.clip(scores, PROBABILITY_EPSILON, 1.0 - PROBABILITY_EPSILON)
+    return -np.where(labels > 0, np.log(clamped), np.log1p(-clamped))
+
+
 def binary_entropy(rate: float) -> float:
     """Return the entropy in nats of a Bernoulli variable with the given rate."""
     if rate <= 0.0 or rate >= 1.0:

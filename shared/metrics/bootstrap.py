@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.metrics.binary import PROBABILITY_EPSILON
+from shared.metrics.binary import log_losses
 
 # A block of replicates holds at most this many weights (32 MB as float64),
 # so memory stays flat however many examples and replicates there are.
@@ -37,12 +37,6 @@ WeightedMetric = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 # Metrics of weighted samples.
-
-
-def log_losses(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Return the log loss of each prediction in nats, clamped like :func:`log_loss_one`."""
-    clamped = np.clip(scores, PROBABILITY_EPSILON, 1.0 - PROBABILITY_EPSILON)
-    return -np.where(labels > 0, np.log(clamped), np.log1p(-clamped))
 
 
 def weighted_log_loss(weights: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> np.ndarray:

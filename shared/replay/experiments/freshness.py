@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.metrics.binary import PROBABILITY_EPSILON, BinaryReport, binary_entropy, roc_auc
+from shared.metrics.binary import BinaryReport, binary_entropy, log_losses, roc_auc
 from shared.replay.arms import ReplayArm
 from shared.replay.report import (
     _cell,
@@ -99,12 +99,6 @@ def served_arrays(result: ReplayResult, arm: ReplayArm) -> tuple[np.ndarray, np.
             f"{len(result.evaluated_times):,} evaluated times; its metrics must keep scores"
         )
     return scores, labels
-
-
-def log_losses(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Return each prediction's log loss in nats, clamped as :func:`log_loss_one` does."""
-    clamped = np.clip(scores, PROBABILITY_EPSILON, 1.0 - PROBABILITY_EPSILON)
-    return -np.where(labels > 0, np.log(clamped), np.log1p(-clamped))
 
 
 def binary_report(scores: np.ndarray, labels: np.ndarray) -> BinaryReport:
