@@ -183,6 +183,16 @@ class DifferenceInterval:
             return False
         return self.low > 0.0 or self.high < 0.0
 
+    def as_dict(self) -> dict[str, float | int | bool | None]:
+        """Return the difference, its interval and significance as JSON-ready values."""
+        return {
+            "estimate": self.estimate,
+            "low": self.low,
+            "high": self.high,
+            "valid_samples": self.valid_samples,
+            "significant": self.significant,
+        }
+
 
 def percentile_interval(
     replicates: np.ndarray, confidence_level: float

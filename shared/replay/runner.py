@@ -201,11 +201,24 @@ class ReplayResult:
     examples_before_holdout: int = 0
     # Set by the attribution-window what-if when it ran (shared.replay.experiments.windows).
     what_if: Any = None
+    # Results that experiments compute once for the summary, the report and
+    # metrics.json, by experiment name; see cached().
+    _experiment_cache: dict[str, tuple[int, Any]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def events(self) -> int:
         """Valid events read."""
         return self.impressions + self.clicks
+
+    def cached(self, name: str, compute: Callable[[ReplayResult], Any]) -> Any:
+        """Return ``compute(self)``, computed once while no further example is evaluated."""
+        examples = len(self.evaluated_times)
+        cached = self._experiment_cache.get(name)
+        if cached is None or cached[0] != examples:
+            cached = self._experiment_cache[name] = (examples, compute(self))
+        return cached[1]
 
     def arm(self, name: str) -> ReplayArm:
         """Return the arm with this name; raise KeyError naming the arms there are."""

@@ -20,7 +20,6 @@ than they should be, so treat a difference near the edge with care.
 from __future__ import annotations
 
 import textwrap
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,25 +88,14 @@ class Comparison:
     seed: int
 
 
-# One comparison per result: the summary, the report and metrics.json each
-# ask for it, and the bootstrap is the slow part. The weak reference lets the
-# result be freed, and the example count notices a result that grew since.
-_cache: tuple[weakref.ref, int, Comparison | None] | None = None
-
-
 def compare(result: ReplayResult) -> Comparison | None:
     """Compare every continuous arm with the first one, or return None if there is only one.
 
     Raises ValueError naming the arms when their served labels differ, which
     would make a paired comparison meaningless.
     """
-    global _cache
-    examples = len(result.evaluated_times)
-    if _cache is not None and _cache[0]() is result and _cache[1] == examples:
-        return _cache[2]
-    comparison = _compare(result)
-    _cache = (weakref.ref(result), examples, comparison)
-    return comparison
+    # The summary, the report and metrics.json each ask, and the bootstrap is slow.
+    return result.cached(NAME, _compare)
 
 
 def _continuous(arm: ReplayArm) -> bool:
@@ -432,11 +420,7 @@ def document(result: ReplayResult) -> dict[str, Any] | None:
         "differences": {
             arm: {
                 row.metric.name: {
-                    "estimate": row.difference.estimate,
-                    "low": row.difference.low,
-                    "high": row.difference.high,
-                    "valid_samples": row.difference.valid_samples,
-                    "significant": row.difference.significant,
+                    **row.difference.as_dict(),
                     "result": _outcome(row, comparison.reference, arm),
                 }
                 for row in rows

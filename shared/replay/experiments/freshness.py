@@ -24,6 +24,11 @@ from typing import Any
 import numpy as np
 
 from shared.metrics.binary import BinaryReport, binary_entropy, log_losses, roc_auc
+from shared.metrics.bootstrap import (
+    DifferenceInterval,
+    paired_bootstrap,
+    weighted_normalized_entropy,
+)
 from shared.replay.arms import ReplayArm
 from shared.replay.report import (
     _cell,
@@ -287,10 +292,29 @@ class StalenessRow:
     after: BinaryReport
     # NE after the freeze over the continuous arm's, minus 1; None when undefined.
     relative_to_continuous: float | None
+    # NE after the freeze minus the continuous arm's, with its paired bootstrap
+    # interval; None for the continuous arm itself and without examples after it.
+    interval: DifferenceInterval | None = None
+
+    @property
+    def significantly_worse(self) -> bool:
+        """Whether the copy's NE after the freeze is above continuous learning's beyond noise."""
+        return (
+            self.interval is not None
+            and self.interval.significant
+            and (self.interval.estimate or 0.0) > 0
+        )
 
 
 def staleness_rows(result: ReplayResult, schedules: Schedules) -> list[StalenessRow]:
-    """Measure every schedule before and after the freeze, and against continuous learning."""
+    """Measure every schedule before and after the freeze, and against continuous learning.
+
+    Computed once per result, because the bootstrap intervals take seconds.
+    """
+    return result.cached(NAME, lambda _: _staleness_rows(result, schedules))
+
+
+def _staleness_rows(result: ReplayResult, schedules: Schedules) -> list[StalenessRow]:
     reports = [
         (
             arm,
@@ -300,13 +324,35 @@ def staleness_rows(result: ReplayResult, schedules: Schedules) -> list[Staleness
         for arm in schedules.arms
     ]
     continuous_ne = reports[0][2].normalized_entropy
+    times = np.frombuffer(result.evaluated_times, dtype=np.float64)
+    after_freeze = times >= schedules.freeze_at
+    continuous_scores, labels = served_arrays(result, schedules.continuous)
+    config = result.config
+
     rows = []
     for arm, before, after in reports:
-        relative = None
+        relative = interval = None
         if after.normalized_entropy is not None and continuous_ne:
             relative = after.normalized_entropy / continuous_ne - 1.0
-        rows.append(StalenessRow(arm, schedules.label(arm), before, after, relative))
+        if arm is not schedules.continuous and after_freeze.any():
+            scores, _ = served_arrays(result, arm)
+            interval = paired_bootstrap(
+                weighted_normalized_entropy,
+                continuous_scores[after_freeze],
+                scores[after_freeze],
+                labels[after_freeze],
+                confidence_level=config.confidence_level,
+                samples=config.bootstrap_samples,
+                seed=config.bootstrap_seed,
+            )
+        rows.append(StalenessRow(arm, schedules.label(arm), before, after, relative, interval))
     return rows
+
+
+def _interval_text(interval: DifferenceInterval | None) -> str:
+    if interval is None or interval.low is None or interval.high is None:
+        return NOT_AVAILABLE
+    return f"[{interval.low:+.4f}, {interval.high:+.4f}]"
 
 
 def _percent(value: float | None) -> str:
@@ -335,27 +381,32 @@ def summary_lines(result: ReplayResult) -> list[str]:
         return []
     rows = staleness_rows(result, schedules)
     label_width = max(len(row.label) for row in rows) + 4
-    columns = ("NE before", "NE after", "vs continuous", "AUC after")
+    level = f"{result.config.confidence_level * 100:g} %"
+    columns = ("NE before", "NE after", "vs continuous", f"{level} interval")
+    widths = (12, 12, 15, 22)
     lines = [
         f"Freshness: copies of {schedules.continuous.name} stop learning online at "
         f"{format_event_time(schedules.freeze_at)}",
-        "".ljust(label_width) + "".join(column.rjust(15) for column in columns),
+        "".ljust(label_width)
+        + "".join(column.rjust(width) for column, width in zip(columns, widths, strict=True)),
     ]
     for row in rows:
         cells = (
             format_metric("normalized_entropy", row.before.normalized_entropy),
             format_metric("normalized_entropy", row.after.normalized_entropy),
             "" if row.arm is schedules.continuous else _percent(row.relative_to_continuous),
-            format_metric("auc", row.after.auc),
+            "" if row.arm is schedules.continuous else _interval_text(row.interval),
         )
-        lines.append(
-            ("  " + row.label).ljust(label_width) + "".join(cell.rjust(15) for cell in cells)
+        line = ("  " + row.label).ljust(label_width) + "".join(
+            cell.rjust(width) for cell, width in zip(cells, widths, strict=True)
         )
+        lines.append(line.rstrip())
     after = rows[0].after
     lines.append(
         f"  after the freeze: {format_count(after.count)} served examples, "
-        f"{format_count(after.positives)} clicks (vs continuous above 0 %: the copy is worse)"
+        f"{format_count(after.positives)} clicks; above 0 the copy is worse"
     )
+    lines.append("  the interval is a paired bootstrap of the NE difference against continuous")
     lines.append(f"  {_retrain_sizes(schedules)}")
     return lines
 
@@ -366,6 +417,7 @@ def _staleness_table(rows: list[StalenessRow], schedules: Schedules) -> str:
         "NE before freeze",
         "NE after freeze",
         "NE after vs continuous",
+        "NE difference after, interval",
         "log loss after",
         "AUC after",
         "calibration after",
@@ -373,12 +425,13 @@ def _staleness_table(rows: list[StalenessRow], schedules: Schedules) -> str:
     body = []
     for row in rows:
         relative = "" if row.arm is schedules.continuous else _percent(row.relative_to_continuous)
-        worse = row.relative_to_continuous is not None and row.relative_to_continuous > 0
+        worse = row.significantly_worse
         cells = [
             _cell(row.label, number=False),
             _cell(format_metric("normalized_entropy", row.before.normalized_entropy)),
             _cell(format_metric("normalized_entropy", row.after.normalized_entropy)),
             _cell(relative),
+            _cell("" if row.arm is schedules.continuous else _interval_text(row.interval)),
             _cell(format_metric("log_loss", row.after.log_loss)),
             _cell(format_metric("auc", row.after.auc)),
             _cell(format_metric("calibration", row.after.calibration)),
@@ -433,9 +486,10 @@ def html_section(result: ReplayResult, directory: Path) -> str:
         + _staleness_table(rows, schedules)
         + '<p class="note">Served-score metrics before and after the freeze, on the same '
         "examples for every schedule. The loss from staleness is the NE change against "
-        "continuous learning after the freeze: a positive percentage, in a red row, means the "
-        "copy predicts worse than the model that kept learning. Before the freeze all three "
-        "match, because they are the same model.</p>"
+        "continuous learning after the freeze: a positive percentage means the copy predicts "
+        "worse than the model that kept learning. The interval is a paired bootstrap of the "
+        "NE difference over the examples after the freeze; a red row is worse beyond that "
+        "noise. Before the freeze all three match, because they are the same model.</p>"
         + "<h3>Retrains from scratch</h3>"
         + _retrains_table(schedules)
     )
@@ -459,6 +513,9 @@ def document(result: ReplayResult) -> dict[str, Any] | None:
                 "before_freeze": row.before.as_dict(),
                 "after_freeze": row.after.as_dict(),
                 "normalized_entropy_after_vs_continuous": row.relative_to_continuous,
+                "normalized_entropy_difference_after": (
+                    None if row.interval is None else row.interval.as_dict()
+                ),
             }
             for row in staleness_rows(result, schedules)
         ],

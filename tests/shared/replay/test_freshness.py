@@ -99,6 +99,14 @@ def test_staleness_relative_to_continuous(drifted: ReplayResult) -> None:
     # Rebuilds on data that includes the new behaviour recover part of the loss.
     assert 0 < retrained.relative_to_continuous < frozen.relative_to_continuous
     assert len(schedules.retrained.retrains) == 3
+    # The frozen copy's loss after the drift is far beyond bootstrap noise.
+    assert continuous.interval is None
+    assert frozen.interval is not None
+    assert frozen.interval.estimate == pytest.approx(
+        frozen.after.normalized_entropy - continuous.after.normalized_entropy
+    )
+    assert frozen.interval.low > 0
+    assert frozen.significantly_worse
 
 
 def test_bucket_matches_direct_computation(drifted: ReplayResult) -> None:
