@@ -233,7 +233,7 @@ class MemoryConsumer:
 class NoDeduplicator:
     """An in-process stand-in for ``RedisDeduplicator`` that learns every example."""
 
-    def first_sightings(self, sightings: Sequence[Sighting]) -> list[bool]:
+    def first_sightings(self, sightings: Sequence[Sighting], read_through=None) -> list[bool]:
         return [True] * len(sightings)
 
 

@@ -373,7 +373,10 @@ class LocalServer:
 class RedisServer(LocalServer):
     """A ``redis-server`` with an append-only file synced once a second and no RDB snapshots.
 
-    Writes acknowledged more than about one second before a SIGKILL survive a restart.
+    A SIGKILL of the server lost no acknowledged write in
+    ``tests/services/test_redis_outage.py``, because the kernel keeps what
+    Redis wrote to the file. The once-a-second fsync bounds what an OS crash
+    would lose to about the last second.
     """
 
     name = "redis"

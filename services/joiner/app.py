@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import redis
@@ -48,6 +48,7 @@ from shared.events import (
 )
 from shared.join import JoinStateMachine, JoinStore
 from shared.kafka import DeadLetterSink
+from shared.service import ExponentialBackoff
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,10 @@ IMPRESSIONS, CLICKS = 0, 1
 # again. Its dead-letter copy keeps only this many leading bytes of the key
 # and the value. The source offset in the headers leads to the original.
 MAX_DEAD_LETTER_BYTES = 512 * 1024
+# An offset commit waits at most this long for the group coordinator. During a
+# broker outage kafka-python would otherwise retry for the consumer's request
+# timeout, and the uncommitted offsets are committed again by the next cycle.
+COMMIT_TIMEOUT_MS = 10_000
 
 
 @dataclass(slots=True)
@@ -74,6 +79,9 @@ class _PartitionBuffers:
     )
     # The next offset to commit per side: everything before it is handled.
     next_offset: list[int | None] = field(default_factory=lambda: [None, None])
+    # The offset after the last record polled per side, to notice a consumer
+    # position that moved backwards.
+    next_polled: list[int | None] = field(default_factory=lambda: [None, None])
     idle_since: float | None = None
 
     def mark_handled(self, side: int, offset: int) -> None:
@@ -109,10 +117,15 @@ class Joiner:
         store: JoinStore,
         metrics: JoinerMetrics,
         clock: Clock | None = None,
+        producer_factory: Callable[[], KafkaProducer] | None = None,
     ) -> None:
         self.settings = settings
         self.consumer = consumer
         self.producer = producer
+        # Builds a replacement after a failed delivery. An idempotent producer
+        # whose broker lost its state stays failed for good, so it is replaced.
+        self.producer_factory = producer_factory
+        self.producer_failed = False
         self.store = store
         self.metrics = metrics
         self.clock = clock or SystemClock()
@@ -122,8 +135,8 @@ class Joiner:
         self.buffers: dict[int, _PartitionBuffers] = {}
         self.paused: set[TopicPartition] = set()
         self.outbox_dirty: set[int] = set()
-        self._redis_backoff_until = 0.0
-        self._redis_failures = 0
+        self.backoff = ExponentialBackoff(max_seconds=settings.retry_max_backoff_seconds)
+        self.retry_at = 0.0
 
     # Life cycle.
 
@@ -171,30 +184,109 @@ class Joiner:
     def run_cycle(self) -> None:
         """Poll once, join what is ready, produce, and commit."""
         started = time.perf_counter()
-        records = self.consumer.poll(
-            timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_poll_records
-        )
+        try:
+            records = self.consumer.poll(
+                timeout_ms=self.settings.poll_timeout_ms,
+                max_records=self.settings.max_poll_records,
+            )
+        except KafkaError as error:
+            # kafka-python raises here when a rebalance fails, for example
+            # while the broker is down. The next poll joins the group again.
+            self._back_off("Kafka", "Polling", error)
+            self.clock.sleep(self.retry_at - self.clock.monotonic())
+            return
 
+        self._restart_rewound_partitions(records)
         for tp, batch in records.items():
             self._buffer(tp, batch)
         self._update_pauses()
 
-        if self.clock.monotonic() < self._redis_backoff_until:
+        # Polling goes on while a dependency is down, so the consumer keeps its
+        # group membership, but nothing is joined or committed until the retry.
+        if self.clock.monotonic() < self.retry_at:
             return
+        joined_examples = self._recover_and_join()
+        if joined_examples is None:
+            return
+        examples, joined = joined_examples
+
+        if not self._deliver(examples):
+            return
+        self._commit()
+        self.backoff.reset()
+        self._update_gauges()
+        if records or joined:
+            self.metrics.batch_duration.observe(time.perf_counter() - started)
+
+    def _recover_and_join(self) -> tuple[list[tuple[int, LabeledExample]], int] | None:
+        """Produce unacknowledged outboxes, then join; after a failure, back off and return None."""
+        try:
+            self._replace_failed_producer()
+        except KafkaError as error:
+            self._back_off("Kafka", "Building a new producer", error)
+            return None
+
         try:
             self._recover_outboxes()
             examples, joined = self._join_ready()
             examples += self._advance_idle()
         except redis.exceptions.RedisError as error:
-            self._on_redis_failure(error)
-            return
+            self._back_off("Redis", "Joining", error)
+            return None
+        except KafkaError as error:
+            self._back_off("Kafka", "Producing the outbox", error)
+            self.producer_failed = True
+            return None
+        return examples, joined
 
-        if not self._deliver(examples):
-            return
-        self._commit()
-        self._update_gauges()
-        if records or joined:
-            self.metrics.batch_duration.observe(time.perf_counter() - started)
+    def _restart_rewound_partitions(self, records: dict) -> None:
+        """Drop the buffers of partitions whose consumer position moved back, and read them again.
+
+        Without a rebalance the position moves back only when kafka-python resets
+        an out-of-range position to the earliest offset, for example after a
+        broker lost the topic and it was created again. The reset side then
+        looks caught up, so merging the buffered events would let the other side
+        run ahead of events not read yet and close windows early. Offsets kept
+        from before would also be committed for records never read. So both
+        sides start over: the reset side from its new position, the other from
+        its first unprocessed offset. This poll's records of the partition are
+        dropped and fetched again.
+        """
+        for partition, buffers in list(self.buffers.items()):
+            tps = [TopicPartition(topic, partition) for topic in self.topics]
+            starts: list[int | None] = []
+            rewound = False
+            for side, tp in enumerate(tps):
+                batch = records.get(tp)
+                polled = buffers.next_polled[side]
+                if polled is None:
+                    # Nothing of this side was read yet, so nothing needs reading again.
+                    starts.append(batch[0].offset if batch else None)
+                    continue
+                position = batch[0].offset if batch else self.consumer.position(tp)
+                if position is not None and position < polled:
+                    rewound = True
+                    starts.append(position)
+                else:
+                    starts.append(buffers.commit_offset(side))
+            if not rewound:
+                continue
+
+            logger.warning(
+                "Consumer positions of partition %d moved back (an out-of-range offset was "
+                "reset); dropping its %d buffered events and reading again from offsets %s",
+                partition,
+                sum(len(queue) for queue in buffers.sides),
+                dict(zip(self.topics, starts, strict=True)),
+            )
+            for tp, start in zip(tps, starts, strict=True):
+                records.pop(tp, None)
+                if start is not None:
+                    self.consumer.seek(tp, start)
+                if tp in self.paused:
+                    self.consumer.resume(tp)
+                    self.paused.discard(tp)
+            del self.buffers[partition]
 
     def _buffer(self, tp: TopicPartition, batch) -> None:
         side = IMPRESSIONS if tp.topic == self.topics[IMPRESSIONS] else CLICKS
@@ -202,6 +294,9 @@ class Joiner:
         buffers = self.buffers.setdefault(tp.partition, _PartitionBuffers())
         queue = buffers.sides[side]
         self.metrics.events_consumed.labels(topic=tp.topic).inc(len(batch))
+
+        if batch:
+            buffers.next_polled[side] = batch[-1].offset + 1
 
         for record in batch:
             try:
@@ -249,9 +344,23 @@ class Joiner:
                 f"bytes and {len(value or b'')} of {value_bytes} value bytes)"
             )
 
-        future = self.dead_letters.send(
-            value, error.reason, message, tp.topic, tp.partition, record.offset, key
-        )
+        try:
+            future = self.dead_letters.send(
+                value, error.reason, message, tp.topic, tp.partition, record.offset, key
+            )
+        except KafkaError as send_error:
+            # A producer that cannot reach the broker raises here after its
+            # metadata wait. The record is counted and stays in its source topic.
+            logger.error(
+                "Producing the dead-letter copy of %s/%d@%d failed: %s. The record is only "
+                "in its source topic.",
+                tp.topic,
+                tp.partition,
+                record.offset,
+                send_error,
+            )
+            self.metrics.dead_lettered.labels(topic=tp.topic, reason=error.reason).inc()
+            return
         # The cycle's flush waits for this send, but only the examples' results
         # are checked, so a failed dead-letter delivery is logged here.
         future.add_errback(
@@ -272,23 +381,25 @@ class Joiner:
         highwater = self.consumer.highwater(tp)
         if highwater is None:
             return False
-        return self.consumer.position(tp) >= highwater
+        # A position past the high watermark points into data the broker no
+        # longer has. The consumer resets it, and until then the side is not caught up.
+        return self.consumer.position(tp) == highwater
 
     def _take_ready(
-        self, partition: int, buffers: _PartitionBuffers
+        self, partition: int, buffers: _PartitionBuffers, limit: int
     ) -> list[tuple[int, _Buffered]]:
-        """Return the events safe to process now, in event-time order, without removing them.
+        """Return at most ``limit`` events that are safe to process now, in event-time order.
 
-        The head of each side is compared and the earlier one taken. When one
-        side is empty, the other goes on only if the empty side has nothing
-        more on the broker. Otherwise an impression could close its window
-        before the click already produced for it is read.
+        The events stay in the buffers. The head of each side is compared and
+        the earlier one taken. When one side is empty, the other goes on only if
+        the empty side has nothing more on the broker. Otherwise an impression
+        could close its window before the click already produced for it is read.
         """
         impressions, clicks = buffers.sides
         caught_up = [self._is_caught_up(TopicPartition(topic, partition)) for topic in self.topics]
         ready: list[tuple[int, _Buffered]] = []
         i = c = 0
-        while True:
+        while len(ready) < limit:
             has_impression, has_click = i < len(impressions), c < len(clicks)
             if has_impression and has_click:
                 take_click = clicks[c].event.ts < impressions[i].event.ts
@@ -310,7 +421,10 @@ class Joiner:
         examples: list[tuple[int, LabeledExample]] = []
         joined = 0
         for partition, buffers in list(self.buffers.items()):
-            ready = self._take_ready(partition, buffers)
+            # Polling goes on during a Redis outage, so the buffers can hold
+            # far more than one poll. Joining it all in one cycle would delay
+            # the next commit and poll by tens of seconds.
+            ready = self._take_ready(partition, buffers, self.settings.max_poll_records)
             if not ready:
                 continue
 
@@ -323,7 +437,6 @@ class Joiner:
             joined += len(ready)
             examples += [(partition, example) for example in result.examples]
             self._count(result.counts)
-        self._redis_failures = 0
         return examples, joined
 
     def _advance_idle(self) -> list[tuple[int, LabeledExample]]:
@@ -402,19 +515,14 @@ class Joiner:
 
     def _deliver(self, examples: list[tuple[int, LabeledExample]]) -> bool:
         """Produce examples, wait for the broker, then acknowledge the outbox; False on failure."""
-        futures = self._send([example for _, example in examples])
         try:
+            futures = self._send([example for _, example in examples])
             self.producer.flush(timeout=30)
             for future in futures:
                 future.get(timeout=0)
         except KafkaError as error:
-            logger.warning(
-                "Producing %d examples failed (%s); will retry from the outbox",
-                len(examples),
-                error,
-            )
-            self.metrics.retries.labels(dependency="kafka").inc()
-            self.outbox_dirty.update(self.buffers)
+            self._back_off("Kafka", f"Producing {len(examples)} examples", error)
+            self.producer_failed = True
             return False
 
         by_partition: dict[int, list[str]] = {}
@@ -448,7 +556,7 @@ class Joiner:
         if not offsets:
             return
         try:
-            self.consumer.commit(offsets)
+            self.consumer.commit(offsets, timeout_ms=COMMIT_TIMEOUT_MS)
         except CommitFailedError as error:
             # The group rebalanced; the new owner re-reads from the last commit.
             logger.warning("Offset commit failed after a rebalance: %s", error)
@@ -462,17 +570,33 @@ class Joiner:
         for outcome, count in counts.items():
             self.metrics.join_outcomes.labels(outcome=outcome.value).inc(count)
 
-    def _on_redis_failure(self, error: redis.exceptions.RedisError) -> None:
-        self._redis_failures += 1
-        delay = min(self.settings.retry_max_backoff_seconds, 0.5 * 2 ** (self._redis_failures - 1))
-        self._redis_backoff_until = self.clock.monotonic() + delay
-        self.metrics.retries.labels(dependency="redis").inc()
+    def _back_off(self, dependency: str, action: str, error: Exception) -> None:
+        """Skip joining and committing until an exponentially growing delay has passed."""
+        # The failed cycle may have stored joined examples in the outbox of
+        # some partitions before it stopped, so those are produced again first.
+        self.outbox_dirty.update(self.buffers)
+        delay = self.backoff.next_delay()
+        self.retry_at = self.clock.monotonic() + delay
+        self.metrics.retries.labels(dependency=dependency.lower()).inc()
         logger.warning(
-            "Redis failed (%s, attempt %d); nothing committed, retrying in %.1f s",
+            "%s failed on %s (attempt %d: %s); offsets stay uncommitted, retrying in %.1f s",
+            action,
+            dependency,
+            self.backoff.attempt,
             error,
-            self._redis_failures,
             delay,
         )
+
+    def _replace_failed_producer(self) -> None:
+        """Build a new producer if the last delivery failed; raise KafkaError if that fails."""
+        if not self.producer_failed or self.producer_factory is None:
+            return
+        producer = self.producer_factory()
+        self.producer.close(timeout=0)
+        self.producer = producer
+        self.dead_letters.producer = producer
+        self.producer_failed = False
+        logger.info("Replaced the Kafka producer after a failed delivery")
 
     def _update_pauses(self) -> None:
         limit = self.settings.buffer_max_records
@@ -502,6 +626,8 @@ class Joiner:
             for topic in self.topics:
                 tp = TopicPartition(topic, partition)
                 highwater = self.consumer.highwater(tp)
-                if highwater is not None:
-                    lag = max(0, highwater - self.consumer.position(tp))
+                # A position not known yet would be fetched from the broker.
+                position = self.consumer.position(tp, timeout_ms=0)
+                if highwater is not None and position is not None:
+                    lag = max(0, highwater - position)
                     self.metrics.consumer_lag.labels(topic=topic, partition=str(partition)).set(lag)

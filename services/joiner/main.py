@@ -49,6 +49,7 @@ def build_joiner(settings: JoinerSettings, registry: CollectorRegistry) -> Joine
         make_producer(settings),
         RedisJoinStore(client, settings.redis_namespace),
         JoinerMetrics(registry),
+        producer_factory=lambda: make_producer(settings),
     )
 
 

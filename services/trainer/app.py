@@ -25,7 +25,7 @@ from services.trainer.metrics import TrainerMetrics
 from services.trainer.settings import TrainerSettings
 from shared.clock import Clock, SystemClock
 from shared.drift import FeatureProfileBuilder
-from shared.errors import InvalidEventError, SnapshotError
+from shared.errors import InvalidEventError, SnapshotError, UnavailableError
 from shared.events import LabeledExample, LabelSource, parse_example
 from shared.learn.learner import OnlineLearner, Scores
 from shared.learn.models import BASELINE_MODEL, build_model
@@ -43,7 +43,7 @@ SERVED_NOTICE_CHECK_AFTER = 1000
 
 # An offset commit waits at most this long for the group coordinator. During a
 # broker outage kafka-python would otherwise retry for the consumer's request
-# timeout, and the snapshot holds the positions anyway.
+# timeout, and the snapshot records the positions anyway.
 COMMIT_TIMEOUT_MS = 10_000
 
 
@@ -98,14 +98,18 @@ class Trainer:
         # Next offset to read per partition of the examples topic.
         self.positions: dict[int, int] = {}
         self.restored_positions: dict[int, int] = {}
+        # Per partition, the offset below which this process has read every
+        # record or restored it from the snapshot. Rebalances keep it.
+        self.read_through: dict[int, int] = {}
         self.examples_seen = 0
         self.decided_examples = 0
         self.served_notices = 0
         self.unpublished = 0
         self.last_snapshot_at = self.clock.monotonic()
-        # Delays between attempts while Redis fails; no snapshot is tried before publish_retry_at.
+        # Delays between attempts while Redis fails. No snapshot is tried before publish_retry_at.
         self.redis_backoff = ExponentialBackoff()
         self.publish_retry_at = 0.0
+        self.kafka_backoff = ExponentialBackoff()
 
     # Life cycle.
 
@@ -131,6 +135,7 @@ class Trainer:
             for key, offset in bundle.source_offsets.items()
             if key.startswith(prefix)
         }
+        self.read_through = dict(self.restored_positions)
         self.metrics.model_version.set(metadata.version)
         logger.info(
             "Resumed %r version %d: %d examples seen, positions %s",
@@ -147,9 +152,9 @@ class Trainer:
     def on_assigned(self, assigned) -> None:
         """Seek to the snapshot's positions on a partition's first assignment.
 
-        They win over committed offsets once. After a later rebalance the
-        committed offsets are newer, and seeking back would learn the records
-        in between a second time, because each one's marker names its position.
+        They win over committed offsets once. After a later rebalance this
+        process has read past them, so the consumer goes on from the committed
+        offsets, and ``read_through`` drops what it reads a second time.
         """
         for tp in assigned:
             restored = self.restored_positions.pop(tp.partition, None)
@@ -160,8 +165,11 @@ class Trainer:
 
     def on_revoked(self, revoked) -> None:
         """Publish what was learned so the next owner resumes from it."""
+        # kafka-python 3 calls rebalance listeners on its network thread, where
+        # a blocking commit raises RuntimeError. The snapshot records the
+        # positions, and this process drops what it reads again below them.
         if revoked and self.unpublished:
-            self.publish()
+            self.publish(commit=False)
         for tp in revoked:
             self.positions.pop(tp.partition, None)
 
@@ -187,9 +195,25 @@ class Trainer:
 
     def run_cycle(self) -> None:
         """Poll once, learn, and publish when a snapshot is due."""
-        records = self.consumer.poll(
-            timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_poll_records
-        )
+        try:
+            records = self.consumer.poll(
+                timeout_ms=self.settings.poll_timeout_ms,
+                max_records=self.settings.max_poll_records,
+            )
+        except KafkaError as error:
+            # kafka-python raises here when a rebalance fails, for example
+            # while the broker is down. The next poll joins the group again.
+            delay = self.kafka_backoff.next_delay()
+            logger.warning(
+                "Polling Kafka failed (attempt %d: %s); retrying in %.1f s",
+                self.kafka_backoff.attempt,
+                error,
+                delay,
+            )
+            self.clock.sleep(delay)
+            return
+        self.kafka_backoff.reset()
+
         try:
             for tp, batch in records.items():
                 self._learn_batch(tp, batch)
@@ -223,7 +247,9 @@ class Trainer:
                 (example, Sighting(example.dedup_key, tp.topic, tp.partition, record.offset))
             )
 
-        first = self.deduplicator.first_sightings([sighting for _, sighting in parsed])
+        first = self.deduplicator.first_sightings(
+            [sighting for _, sighting in parsed], self.read_through
+        )
 
         for (example, _), is_first in zip(parsed, first, strict=True):
             if not is_first:
@@ -232,6 +258,9 @@ class Trainer:
             self._learn_one(example)
         if batch:
             self.positions[tp.partition] = batch[-1].offset + 1
+            self.read_through[tp.partition] = max(
+                self.read_through.get(tp.partition, 0), batch[-1].offset + 1
+            )
 
     def _learn_one(self, example: LabeledExample) -> None:
         if example.label_source == LabelSource.SERVED:
@@ -307,8 +336,8 @@ class Trainer:
             self.clock.monotonic() - self.last_snapshot_at >= self.settings.snapshot_every_seconds
         )
 
-    def publish(self) -> None:
-        """Publish a snapshot of the model, then commit the offsets it covers."""
+    def publish(self, commit: bool = True) -> None:
+        """Publish a snapshot of the model, then commit the offsets it covers if ``commit``."""
         topic = self.settings.topic_examples
         positions = dict(self.positions)
         offsets = {f"{topic}/{partition}": offset for partition, offset in positions.items()}
@@ -325,7 +354,8 @@ class Trainer:
                 metrics=self._snapshot_metrics(),
                 reference=self.profile.build(),
             )
-        except (SnapshotError, redis.exceptions.RedisError) as error:
+        except (SnapshotError, UnavailableError, redis.exceptions.RedisError) as error:
+            # The registry raises UnavailableError when Redis cannot be reached.
             self.metrics.snapshot_failures.inc()
             delay = self.redis_backoff.next_delay()
             self.publish_retry_at = self.clock.monotonic() + delay
@@ -343,7 +373,8 @@ class Trainer:
         self.last_snapshot_at = self.clock.monotonic()
         self.metrics.model_version.set(metadata.version)
         self.metrics.last_snapshot.set(self.clock.time())
-        self._commit(positions)
+        if commit:
+            self._commit(positions)
         self._export_evaluation()
 
     def _commit(self, positions: dict[int, int]) -> None:
@@ -403,6 +434,9 @@ class Trainer:
     def _update_lag(self) -> None:
         for tp in self.consumer.assignment():
             highwater = self.consumer.highwater(tp)
-            if highwater is not None:
-                lag = max(0, highwater - self.consumer.position(tp))
+            # A position not known yet would be fetched from the broker, so
+            # the lag waits for the next cycle instead.
+            position = self.consumer.position(tp, timeout_ms=0)
+            if highwater is not None and position is not None:
+                lag = max(0, highwater - position)
                 self.metrics.consumer_lag.labels(partition=str(tp.partition)).set(lag)

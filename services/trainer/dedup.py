@@ -11,12 +11,17 @@ Each example's first sighting is stored in Redis as
 TTL of the horizon. ``SET ... NX GET`` returns the earlier value in the same
 call: none means new, our own position means a replay of the same record, and
 any other position means a duplicate.
+
+A replay is learned again only below the positions the running trainer has
+read. A rebalance that finds no committed offsets, as after a broker lost its
+groups, resets the consumer to offsets this process has read already, and the
+model in memory contains those records.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -53,10 +58,18 @@ class RedisDeduplicator:
         """Return the Redis key that records an example's first sighting."""
         return f"{self.namespace}:seen:{{{dedup_key}}}"
 
-    def first_sightings(self, sightings: Sequence[Sighting]) -> list[bool]:
-        """Return, per sighting, whether to learn it: it is new, or a replay of the same record."""
+    def first_sightings(
+        self, sightings: Sequence[Sighting], read_through: Mapping[int, int] | None = None
+    ) -> list[bool]:
+        """Return, per sighting, whether to learn it: it is new, or a replay not yet learned.
+
+        ``read_through`` maps a partition to the offset below which the caller
+        has read every record, or restored it from a snapshot. A replay of the
+        same record below that offset is already in the caller's model.
+        """
         if not sightings:
             return []
+        read_through = read_through or {}
         pipeline = self.client.pipeline(transaction=False)
         for sighting in sightings:
             pipeline.set(
@@ -71,7 +84,10 @@ class RedisDeduplicator:
         decisions = []
         seen_in_batch: set[str] = set()
         for sighting, earlier in zip(sightings, previous, strict=True):
-            first = earlier is None or earlier == sighting.position
+            replay = earlier == sighting.position and sighting.offset >= read_through.get(
+                sighting.partition, 0
+            )
+            first = earlier is None or replay
             # Two copies in one batch: both SETs saw no earlier value, or the
             # second saw the first's position; keep only the first copy.
             if sighting.dedup_key in seen_in_batch:
