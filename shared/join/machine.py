@@ -14,6 +14,9 @@ impression, first           PENDING until a click or its window closes
 impression, repeated        ignored: the first one wins (``impression_duplicate``)
 impression, window already  negative at once (``impression_after_window``), unless a held
 closed by the watermark     click inside its window makes it positive
+impression, already past    dropped (``impression_expired``): its record, had it been read
+its retention               before, is forgotten, so it cannot be told from a copy read
+                            again after a crash
 click inside the window     positive at once; the impression becomes CLICKED
 click after the window      the negative is decided first, then the late-click policy
 click after the negative    late: ``drop`` counts it, ``correct`` also emits a positive
@@ -63,6 +66,7 @@ class JoinOutcome(enum.StrEnum):
     IMPRESSION_OPENED = "impression_opened"
     IMPRESSION_DUPLICATE = "impression_duplicate"
     IMPRESSION_AFTER_WINDOW = "impression_after_window"
+    IMPRESSION_EXPIRED = "impression_expired"
     CLICK_ATTRIBUTED = "click_attributed"
     CLICK_DUPLICATE = "click_duplicate"
     CLICK_LATE = "click_late"
@@ -209,6 +213,13 @@ class _Batch:
             return
 
         deadline = impression.ts + self.window
+        if deadline + self.retention <= self.watermark:
+            # A joiner restarted after a crash reads its last batch again, which
+            # can span any amount of event time. Labelling this impression could
+            # contradict the label it got before its record was forgotten.
+            self.counts[JoinOutcome.IMPRESSION_EXPIRED] += 1
+            return
+
         record = ImpressionRecord(impression, RecordState.PENDING, deadline)
         self.counts[JoinOutcome.IMPRESSION_OPENED] += 1
         if self.settings.emit_served:

@@ -149,6 +149,13 @@ CASES = [
         pending=1,
     ),
     Case(
+        "impression older than retention is dropped",
+        [("i", "i2", 1300), ("i", "i1", 0), ("i", "i3", 60)],
+        [("i3", 0, "window_closed")],
+        {Outcome.IMPRESSION_EXPIRED: 1, Outcome.IMPRESSION_AFTER_WINDOW: 1},
+        pending=1,
+    ),
+    Case(
         "forgotten impression makes click an orphan",
         [("i", "i1", 0), ("i", "i2", 1300), ("c", "i1", 100)],
         [("i1", 0, "window_closed")],
@@ -250,6 +257,22 @@ def test_redelivered_batch_emits_nothing_new(make_machine) -> None:
     assert again.examples == []
     assert again.counts[JoinOutcome.IMPRESSION_DUPLICATE] == 2
     assert again.counts[JoinOutcome.CLICK_DUPLICATE] == 1
+
+
+def test_redelivered_long_batch_emits_nothing_new(make_machine) -> None:
+    # The batch spans more event time than window, lateness and retention
+    # (600 + 60 + 600 s), so i1's record is forgotten by the time it is read again.
+    machine = make_machine()
+    spec = [("i", "i1", 0), ("c", "i1", 0)] + [("i", f"x{n}", 100.0 * n) for n in range(1, 20)]
+    events = build_events(spec)
+    first = machine.process(0, events)
+
+    again = machine.process(0, events)
+
+    assert ("i1", 1) in [(e.impression.impression_id, e.label) for e in first.examples]
+    assert again.examples == []
+    assert again.counts[JoinOutcome.IMPRESSION_EXPIRED] == 7
+    assert again.counts[JoinOutcome.CLICK_ORPHAN_EXPIRED] == 1
 
 
 def test_watermark_follows_max_event_time(make_machine) -> None:

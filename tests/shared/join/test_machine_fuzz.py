@@ -13,8 +13,9 @@ in random batches and, at random, crashes:
 
 Every event of an epoch lies between 50 s before and 1 100 s after its
 start, so no impression
-is forgotten while its duplicates can still arrive: a duplicate that arrives
-after ``closed_retention_seconds`` would count as a new impression, by design.
+is forgotten while its duplicates can still arrive. A duplicate that arrives
+after ``closed_retention_seconds`` is dropped as ``impression_expired``, and
+``test_machine.py`` checks that case.
 
 Invariants, with the window W = 600 s:
 
