@@ -178,6 +178,10 @@ class Joiner:
         partitions = sorted({tp.partition for tp in assigned if tp.topic in self.topics})
         logger.info("Partitions assigned: %s", partitions)
         self.outbox_dirty.update(partitions)
+        # The idle timeout looks only at partitions with buffers. One that gets
+        # no new record after a restart must still close its open windows.
+        for partition in partitions:
+            self.buffers.setdefault(partition, _PartitionBuffers())
 
     # One cycle.
 

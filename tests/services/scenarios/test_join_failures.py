@@ -234,6 +234,38 @@ def test_quiet_stream_closes_by_idle_timeout(scenario_env, start_service, kafka_
     assert metric(port, "octr_joiner_pending_impressions") == 0
 
 
+def test_quiet_partition_closes_after_restart(scenario_env, start_service, kafka_broker) -> None:
+    # The restarted joiner reads no record of the partition, because the first
+    # one committed everything before it stopped.
+    env = dict(scenario_env)
+    if "ONLINE_CTR_MIN_EVENT_TIME" not in _joiner_fields():
+        env.pop("ONLINE_CTR_MIN_EVENT_TIME")
+    first = start_service(["joiner"], env, name="joiner")
+    port = first.env["ONLINE_CTR_METRICS_PORT"]
+    send(kafka_broker.bootstrap, env, [impression("i1", 0)])
+    wait_until(
+        lambda: metric(port, "octr_joiner_pending_impressions") == 1,
+        timeout=60,
+        message="the pending impression never showed",
+        services=(first,),
+    )
+    assert first.stop() == 0, first.log()
+
+    second = start_service(
+        ["joiner"], {**env, "ONLINE_CTR_IDLE_TIMEOUT_SECONDS": "2"}, name="joiner"
+    )
+    reader = ExampleReader(kafka_broker.bootstrap, env["ONLINE_CTR_TOPIC_EXAMPLES"])
+    wait_until(
+        lambda: reader.poll() >= 1,
+        timeout=60,
+        message="the restarted joiner never closed i1's window",
+        services=(second,),
+    )
+
+    assert reader.examples == [("i1", 0, "window_closed")]
+    assert second.stop() == 0, second.log()
+
+
 def test_every_joiner_key_expires(redis_client: redis.Redis, unique_name: str) -> None:
     store = RedisJoinStore(redis_client, namespace=f"{unique_name}:join")
     machine = JoinStateMachine(store, JoinSettings())
