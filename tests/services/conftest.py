@@ -69,6 +69,15 @@ class ServiceProcess:
         return self.process is not None and self.process.poll() is None
 
 
+@pytest.fixture(autouse=True)
+def close_example_readers() -> Iterator[None]:
+    """Close the examples-topic readers a test opened, after it ends."""
+    from tests.services.joiner.test_joiner_live import ExampleReader
+
+    yield
+    ExampleReader.close_all()
+
+
 @pytest.fixture
 def pipeline_env(
     kafka_broker: TansuBroker, redis_server: RedisServer, unique_name: str

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from kafka import KafkaConsumer
@@ -39,9 +40,16 @@ def produce(path: Path, env: dict[str, str]) -> None:
 
 
 class ExampleReader:
-    """Read the examples topic from the beginning, without a group."""
+    """Read the examples topic from the beginning, without a group.
+
+    Every reader opened in a test is closed after it by the ``close_example_readers``
+    fixture, so that no consumer outlives its broker.
+    """
+
+    opened: ClassVar[list[ExampleReader]] = []
 
     def __init__(self, bootstrap: str, topic: str) -> None:
+        ExampleReader.opened.append(self)
         self.consumer = KafkaConsumer(
             topic,
             bootstrap_servers=bootstrap,
@@ -64,6 +72,15 @@ class ExampleReader:
 
     def labels(self) -> set[tuple[str, int]]:
         return {(impression_id, label) for impression_id, label, _ in self.examples}
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    @classmethod
+    def close_all(cls) -> None:
+        """Close every reader opened since the last call."""
+        while cls.opened:
+            cls.opened.pop().close()
 
 
 def test_live_joiner_equals_replay(pipeline_env, start_service, kafka_broker) -> None:
