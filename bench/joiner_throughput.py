@@ -185,7 +185,7 @@ class Servers:
 # The stream is produced before the joiner starts, so a poll that returns one
 # topic's records first can carry the watermark hours of event time ahead.
 # With the default retention the join would drop the impressions left behind
-# as expired, and a run would skip their work; a retention longer than any
+# as expired, so a run would skip their work. A retention longer than any
 # bench stream keeps the work the same in every run.
 BENCH_RETENTION_SECONDS = 30 * 86_400.0
 

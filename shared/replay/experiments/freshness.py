@@ -380,6 +380,7 @@ def summary_lines(result: ReplayResult) -> list[str]:
     if schedules is None:
         return []
     rows = staleness_rows(result, schedules)
+
     label_width = max(len(row.label) for row in rows) + 4
     level = f"{result.config.confidence_level * 100:g} %"
     columns = ("NE before", "NE after", "vs continuous", f"{level} interval")
@@ -401,6 +402,7 @@ def summary_lines(result: ReplayResult) -> list[str]:
             cell.rjust(width) for cell, width in zip(cells, widths, strict=True)
         )
         lines.append(line.rstrip())
+
     after = rows[0].after
     lines.append(
         f"  after the freeze: {format_count(after.count)} served examples, "
