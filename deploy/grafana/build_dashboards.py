@@ -483,9 +483,10 @@ MODEL = [
                         "sum(rate(octr_simulator_shown_impressions_total[5m]))",
                         "true click rate",
                     ),
+                    # Served notices are not labels, so they stay out of the rate.
                     Query(
                         'sum(rate(octr_joiner_examples_emitted_total{label="1"}[5m])) / '
-                        "sum(rate(octr_joiner_examples_emitted_total[5m]))",
+                        'sum(rate(octr_joiner_examples_emitted_total{reason!="served"}[5m]))',
                         "labelled click rate",
                     ),
                 ),
