@@ -170,7 +170,10 @@ class LabeledExample(_Model):
     @pydantic.model_validator(mode="after")
     def _served_is_negative(self) -> LabeledExample:
         if self.label_source == LabelSource.SERVED and self.label != 0:
-            raise ValueError("label_source 'served' needs label 0: a served notice is no click")
+            raise ValueError(
+                f"invalid label {self.label} for label_source 'served': a served notice "
+                "is not a click, so its label must be 0"
+            )
         return self
 
     @property

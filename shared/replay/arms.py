@@ -19,8 +19,8 @@ a training set cut at a date keeps the labels of that date's impressions.
 
 A rebuild is due at ``learn_until + k * retrain_every`` for k = 1, 2, ... Its
 training set is fixed when the arm first handles an impression served, or a
-label decided, at or after that time: every label the join had released
-before, in release order, with each late-click correction turning its
+label decided, at or after that time. The set is every label the join had
+released before, in release order. Each late-click correction turns its
 impression's negative into a positive, as a batch job reading the final
 labels would. The new model learns that set in one pass and serves from the
 first impression at or after the due time. A rebuild due after the last

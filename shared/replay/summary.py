@@ -149,8 +149,8 @@ def normalized_entropy_verdict(result: ReplayResult, report: dict[str, Any] | No
 def holdout_facts(result: ReplayResult) -> tuple[str, str] | None:
     """Return two phrases that describe the time holdout, or None without one.
 
-    The first says when it starts and whether learning goes on, the second
-    how many examples were evaluated and learned, for example
+    The first gives the start and whether learning continues after it. The
+    second counts the examples evaluated and learned, for example
     ``from 2019-11-28T00:00:00.000Z, learning after it: stops`` and
     ``12,345 examples evaluated, 6,789 learned before it``.
     """

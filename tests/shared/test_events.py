@@ -30,5 +30,5 @@ def test_served_notice_parses() -> None:
 
 
 def test_served_click_rejected() -> None:
-    with pytest.raises(InvalidEventError, match="label_source 'served' needs label 0"):
+    with pytest.raises(InvalidEventError, match="invalid label 1 for label_source 'served'"):
         parse_example(served(1))

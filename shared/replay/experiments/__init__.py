@@ -6,7 +6,7 @@ summary and the HTML report call in that order:
 - ``NAME``: the key of its numbers in ``metrics.json`` under ``experiments``;
 - ``summary_lines(result)``: console lines, empty when the experiment did not run;
 - ``html_section(result, directory)``: an HTML section whose tables and plots
-  carry captions saying how to read them; it writes its plots into
+  have captions that explain how to read them. It writes its plots into
   ``directory`` and returns "" when the experiment did not run;
 - ``document(result)``: its numbers for ``metrics.json``, or None.
 """

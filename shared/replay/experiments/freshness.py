@@ -8,10 +8,10 @@ once per ``retrain_every_seconds``. Until the freeze the three are the same
 model. After it, their gap in normalised entropy (NE) is the loss from
 staleness: what the model loses by not learning the newest labels.
 
-NE over event time is computed in buckets of impression time, each NE being
-the bucket's mean log loss over the entropy of its own click rate, so a
-change of click rate over time does not move the line by itself. Bucket
-edges are aligned to the freeze time, so no bucket mixes before and after.
+NE over event time is computed in buckets of impression time. Each bucket's
+NE is its mean log loss over the entropy of its own click rate, so a change
+of click rate alone does not move the line. Bucket edges are aligned to the
+freeze time, so no bucket mixes examples from before and after it.
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ each window the experiment reports:
 
 Click delays are matched from the stream's own timestamps, apart from any
 join, so the join's late-click count of each window can be checked against
-them. A join forgets a decided impression ``closed_retention_seconds`` after
-its window, so a click later than window plus retention plus allowed lateness
-counts as an orphan there, not as late.
+them. A join removes a decided impression's record ``closed_retention_seconds``
+after its window. A click later than window plus retention plus allowed
+lateness is therefore counted there as an orphan, not as late.
 """
 
 from __future__ import annotations
