@@ -80,6 +80,24 @@ def kafka_broker(tansu_bin: str) -> Iterator[TansuBroker]:
 
 
 @pytest.fixture
+def own_redis(redis_server_bin: str) -> Iterator[RedisServer]:
+    """Start a Redis server for one test, which it may stop, kill and start again."""
+    server = RedisServer(redis_server_bin)
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def own_broker(tansu_bin: str) -> Iterator[TansuBroker]:
+    """Start a Tansu broker for one test, which it may kill and start again."""
+    broker = TansuBroker(tansu_bin)
+    broker.start()
+    yield broker
+    broker.close()
+
+
+@pytest.fixture
 def unique_name(request: pytest.FixtureRequest) -> str:
     """A prefix for the topics, consumer groups and keys of one test, unique in the session.
 

@@ -23,6 +23,7 @@ FAST_GROUP_SETTINGS = {
     "ONLINE_CTR_STARTUP_TIMEOUT_SECONDS": "30",
 }
 DATA_PARTITIONS = 4
+SIGNING_KEY = "k1:" + "ab" * 32
 
 
 class ServiceProcess:
@@ -78,33 +79,18 @@ def close_example_readers() -> Iterator[None]:
     ExampleReader.close_all()
 
 
-@pytest.fixture
-def pipeline_env(
-    kafka_broker: TansuBroker, redis_server: RedisServer, unique_name: str
-) -> dict[str, str]:
-    """Environment for the services: this test's own topics, group ids and Redis namespaces."""
-    topics = {
-        "ONLINE_CTR_TOPIC_IMPRESSIONS": f"{unique_name}-impressions",
-        "ONLINE_CTR_TOPIC_CLICKS": f"{unique_name}-clicks",
-        "ONLINE_CTR_TOPIC_EXAMPLES": f"{unique_name}-examples",
-        "ONLINE_CTR_TOPIC_DEAD_LETTER": f"{unique_name}-dead-letter",
-    }
-    create_topics(
-        kafka_broker.bootstrap,
-        {
-            topics["ONLINE_CTR_TOPIC_IMPRESSIONS"]: DATA_PARTITIONS,
-            topics["ONLINE_CTR_TOPIC_CLICKS"]: DATA_PARTITIONS,
-            topics["ONLINE_CTR_TOPIC_EXAMPLES"]: DATA_PARTITIONS,
-            topics["ONLINE_CTR_TOPIC_DEAD_LETTER"]: 1,
-        },
-    )
+def service_env(bootstrap: str, redis_url: str, unique_name: str) -> dict[str, str]:
+    """Return the services' environment: this test's own topics, group ids and Redis namespaces."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("ONLINE_CTR_")}
     env.update(FAST_GROUP_SETTINGS)
-    env.update(topics)
     env.update(
         {
-            "ONLINE_CTR_KAFKA_BOOTSTRAP_SERVERS": kafka_broker.bootstrap,
-            "ONLINE_CTR_REDIS_URL": redis_server.url,
+            "ONLINE_CTR_TOPIC_IMPRESSIONS": f"{unique_name}-impressions",
+            "ONLINE_CTR_TOPIC_CLICKS": f"{unique_name}-clicks",
+            "ONLINE_CTR_TOPIC_EXAMPLES": f"{unique_name}-examples",
+            "ONLINE_CTR_TOPIC_DEAD_LETTER": f"{unique_name}-dead-letter",
+            "ONLINE_CTR_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "ONLINE_CTR_REDIS_URL": redis_url,
             "ONLINE_CTR_JOINER_GROUP_ID": f"{unique_name}-joiner",
             "ONLINE_CTR_TRAINER_GROUP_ID": f"{unique_name}-trainer",
             "ONLINE_CTR_REDIS_NAMESPACE": f"{unique_name}:join",
@@ -112,6 +98,44 @@ def pipeline_env(
         }
     )
     return env
+
+
+def topic_partitions(env: dict[str, str]) -> dict[str, int]:
+    """Return the partition count of each topic the environment names."""
+    return {
+        env["ONLINE_CTR_TOPIC_IMPRESSIONS"]: DATA_PARTITIONS,
+        env["ONLINE_CTR_TOPIC_CLICKS"]: DATA_PARTITIONS,
+        env["ONLINE_CTR_TOPIC_EXAMPLES"]: DATA_PARTITIONS,
+        env["ONLINE_CTR_TOPIC_DEAD_LETTER"]: 1,
+    }
+
+
+def trainer_env(unique_name: str) -> dict[str, str]:
+    """Return the trainer's signing keys, namespaces and a snapshot every second."""
+    return {
+        "ONLINE_CTR_SIGNING_KEYS": SIGNING_KEY,
+        "ONLINE_CTR_SIGNING_KEY_ID": "k1",
+        "ONLINE_CTR_REGISTRY_NAMESPACE": f"{unique_name}:models",
+        "ONLINE_CTR_DEDUP_NAMESPACE": f"{unique_name}:trainer",
+        "ONLINE_CTR_SNAPSHOT_EVERY_SECONDS": "1",
+        "ONLINE_CTR_SNAPSHOT_EVERY_EXAMPLES": "5000",
+    }
+
+
+@pytest.fixture
+def pipeline_env(
+    kafka_broker: TansuBroker, redis_server: RedisServer, unique_name: str
+) -> dict[str, str]:
+    """Build the services' environment on the session's broker and Redis, and create its topics."""
+    env = service_env(kafka_broker.bootstrap, redis_server.url, unique_name)
+    create_topics(kafka_broker.bootstrap, topic_partitions(env))
+    return env
+
+
+@pytest.fixture
+def live_env(pipeline_env: dict[str, str], unique_name: str) -> dict[str, str]:
+    """Extend the pipeline's environment for the joiner and the trainer together."""
+    return {**pipeline_env, "ONLINE_CTR_IDLE_TIMEOUT_SECONDS": "2", **trainer_env(unique_name)}
 
 
 @pytest.fixture

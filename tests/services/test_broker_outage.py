@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -31,9 +30,9 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from shared.kafka import TopicSpec, create_topics
 from shared.localstack import TansuBroker
 from shared.localstack import create_topics as create_topics_and_wait
-from tests.services.conftest import DATA_PARTITIONS, FAST_GROUP_SETTINGS, wait_until
+from tests.services.conftest import service_env, topic_partitions, trainer_env, wait_until
 from tests.services.joiner.test_joiner_live import SAMPLE, ExampleReader, produce, replay_labels
-from tests.services.test_pipeline_live import SIGNING_KEY, learned_labels, newest_snapshot
+from tests.services.test_pipeline_live import learned_labels, newest_snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -42,59 +41,20 @@ LEARNED_BEFORE_OUTAGE = 10_000
 
 
 @pytest.fixture
-def own_broker(tansu_bin: str) -> Iterator[TansuBroker]:
-    """A Tansu broker for one test, which the test may kill and start again."""
-    broker = TansuBroker(tansu_bin)
-    broker.start()
-    yield broker
-    broker.close()
-
-
-@pytest.fixture
 def broker_env(own_broker: TansuBroker, redis_server, unique_name: str) -> dict[str, str]:
-    topics = {
-        "ONLINE_CTR_TOPIC_IMPRESSIONS": f"{unique_name}-impressions",
-        "ONLINE_CTR_TOPIC_CLICKS": f"{unique_name}-clicks",
-        "ONLINE_CTR_TOPIC_EXAMPLES": f"{unique_name}-examples",
-        "ONLINE_CTR_TOPIC_DEAD_LETTER": f"{unique_name}-dead-letter",
+    env = {
+        **service_env(own_broker.bootstrap, redis_server.url, unique_name),
+        # Longer than the gap between the new topics' creation and their
+        # first records, so no window closes early after the restart.
+        "ONLINE_CTR_IDLE_TIMEOUT_SECONDS": "10",
+        # The joiner reads the whole stream again from offset 0. It treats
+        # a repeated impression as a duplicate only while it remembers the
+        # impression, so the retention covers the sample's 7 days.
+        "ONLINE_CTR_CLOSED_RETENTION_SECONDS": str(8 * 86_400),
+        **trainer_env(unique_name),
     }
-    env = {key: value for key, value in os.environ.items() if not key.startswith("ONLINE_CTR_")}
-    env.update(FAST_GROUP_SETTINGS)
-    env.update(topics)
-    env.update(
-        {
-            "ONLINE_CTR_KAFKA_BOOTSTRAP_SERVERS": own_broker.bootstrap,
-            "ONLINE_CTR_REDIS_URL": redis_server.url,
-            "ONLINE_CTR_JOINER_GROUP_ID": f"{unique_name}-joiner",
-            "ONLINE_CTR_TRAINER_GROUP_ID": f"{unique_name}-trainer",
-            "ONLINE_CTR_REDIS_NAMESPACE": f"{unique_name}:join",
-            "ONLINE_CTR_LOG_LEVEL": "INFO",
-            # Longer than the gap between the new topics' creation and their
-            # first records, so no window closes early after the restart.
-            "ONLINE_CTR_IDLE_TIMEOUT_SECONDS": "10",
-            # The joiner reads the whole stream again from offset 0. It treats
-            # a repeated impression as a duplicate only while it remembers the
-            # impression, so the retention covers the sample's 7 days.
-            "ONLINE_CTR_CLOSED_RETENTION_SECONDS": str(8 * 86_400),
-            "ONLINE_CTR_SIGNING_KEYS": SIGNING_KEY,
-            "ONLINE_CTR_SIGNING_KEY_ID": "k1",
-            "ONLINE_CTR_REGISTRY_NAMESPACE": f"{unique_name}:models",
-            "ONLINE_CTR_DEDUP_NAMESPACE": f"{unique_name}:trainer",
-            "ONLINE_CTR_SNAPSHOT_EVERY_SECONDS": "1",
-            "ONLINE_CTR_SNAPSHOT_EVERY_EXAMPLES": "5000",
-        }
-    )
     create_topics_and_wait(own_broker.bootstrap, topic_partitions(env))
     return env
-
-
-def topic_partitions(env: dict[str, str]) -> dict[str, int]:
-    return {
-        env["ONLINE_CTR_TOPIC_IMPRESSIONS"]: DATA_PARTITIONS,
-        env["ONLINE_CTR_TOPIC_CLICKS"]: DATA_PARTITIONS,
-        env["ONLINE_CTR_TOPIC_EXAMPLES"]: DATA_PARTITIONS,
-        env["ONLINE_CTR_TOPIC_DEAD_LETTER"]: 1,
-    }
 
 
 def recreate_topics(bootstrap: str, env: dict[str, str]) -> None:

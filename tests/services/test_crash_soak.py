@@ -34,11 +34,7 @@ from prometheus_client.samples import Sample
 
 from tests.services.conftest import DATA_PARTITIONS, ServiceProcess, wait_until
 from tests.services.joiner.test_joiner_live import SAMPLE, ExampleReader, produce, replay_labels
-from tests.services.test_pipeline_live import (
-    learned_labels,
-    live_env,  # noqa: F401 - a fixture, which pytest finds by its name in this module
-    newest_snapshot,
-)
+from tests.services.test_pipeline_live import learned_labels, newest_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -314,7 +310,7 @@ class SoakedService:
 
 
 def test_crash_soak_loses_nothing(
-    live_env,  # noqa: F811
+    live_env,
     start_service,
     redis_client,
     kafka_broker,

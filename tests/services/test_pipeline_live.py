@@ -17,27 +17,12 @@ import redis
 from shared.learn.sampling import FakeNegativeCalibrated
 from shared.registry import ModelRegistry
 from shared.snapshots import SigningKeys
-from tests.services.conftest import wait_until
+from tests.services.conftest import SIGNING_KEY, wait_until
 from tests.services.joiner.test_joiner_live import SAMPLE, produce, replay_labels
 
 pytestmark = pytest.mark.integration
 
-SIGNING_KEY = "k1:" + "ab" * 32
 SOURCE_LABELS = {"click": 1, "window_closed": 0, "late_click_correction": 1}
-
-
-@pytest.fixture
-def live_env(pipeline_env: dict[str, str], unique_name: str) -> dict[str, str]:
-    return {
-        **pipeline_env,
-        "ONLINE_CTR_IDLE_TIMEOUT_SECONDS": "2",
-        "ONLINE_CTR_SIGNING_KEYS": SIGNING_KEY,
-        "ONLINE_CTR_SIGNING_KEY_ID": "k1",
-        "ONLINE_CTR_REGISTRY_NAMESPACE": f"{unique_name}:models",
-        "ONLINE_CTR_DEDUP_NAMESPACE": f"{unique_name}:trainer",
-        "ONLINE_CTR_SNAPSHOT_EVERY_SECONDS": "1",
-        "ONLINE_CTR_SNAPSHOT_EVERY_EXAMPLES": "5000",
-    }
 
 
 def dedup_markers(client: redis.Redis, namespace: str) -> list[tuple[str, str]]:

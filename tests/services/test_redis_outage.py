@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -23,7 +22,7 @@ from kafka.admin import KafkaAdminClient
 from shared.localstack import RedisServer
 from tests.services.conftest import wait_until
 from tests.services.joiner.test_joiner_live import SAMPLE, produce, replay_labels
-from tests.services.test_pipeline_live import SIGNING_KEY, learned_labels, newest_snapshot
+from tests.services.test_pipeline_live import learned_labels, newest_snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -46,29 +45,8 @@ TRAINER_RETRY = re.compile(
 
 
 @pytest.fixture
-def own_redis(redis_server_bin: str) -> Iterator[RedisServer]:
-    """A Redis server for one test, which the test may stop, kill and start again."""
-    server = RedisServer(redis_server_bin)
-    server.start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def outage_env(
-    pipeline_env: dict[str, str], own_redis: RedisServer, unique_name: str
-) -> dict[str, str]:
-    return {
-        **pipeline_env,
-        "ONLINE_CTR_REDIS_URL": own_redis.url,
-        "ONLINE_CTR_IDLE_TIMEOUT_SECONDS": "2",
-        "ONLINE_CTR_SIGNING_KEYS": SIGNING_KEY,
-        "ONLINE_CTR_SIGNING_KEY_ID": "k1",
-        "ONLINE_CTR_REGISTRY_NAMESPACE": f"{unique_name}:models",
-        "ONLINE_CTR_DEDUP_NAMESPACE": f"{unique_name}:trainer",
-        "ONLINE_CTR_SNAPSHOT_EVERY_SECONDS": "1",
-        "ONLINE_CTR_SNAPSHOT_EVERY_EXAMPLES": "5000",
-    }
+def outage_env(live_env: dict[str, str], own_redis: RedisServer) -> dict[str, str]:
+    return {**live_env, "ONLINE_CTR_REDIS_URL": own_redis.url}
 
 
 def committed_offsets(admin: KafkaAdminClient, group: str) -> dict[tuple[str, int], int]:

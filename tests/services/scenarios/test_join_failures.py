@@ -23,9 +23,9 @@ from shared.learn.learner import OnlineLearner
 from shared.registry import ModelRegistry
 from shared.replay.runner import Replay, ReplayConfig
 from shared.snapshots import ModelBundle, SigningKeys
-from tests.services.conftest import wait_until
+from tests.services.conftest import SIGNING_KEY, wait_until
 from tests.services.joiner.test_joiner_live import ExampleReader
-from tests.services.test_pipeline_live import SIGNING_KEY, learned_labels
+from tests.services.test_pipeline_live import learned_labels
 
 pytestmark = pytest.mark.integration
 

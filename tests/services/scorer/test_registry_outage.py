@@ -8,7 +8,6 @@ notice the outage and to serve a version published after Redis returned.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -40,15 +39,6 @@ REQUESTS = [
 READY = "octr_scorer_ready "
 LAST_SUCCESS = "octr_scorer_registry_last_success_timestamp_seconds "
 UNAVAILABLE = 'octr_scorer_model_reload_failures_total{arm="champion",reason="unavailable"}'
-
-
-@pytest.fixture
-def own_redis(redis_server_bin: str) -> Iterator[RedisServer]:
-    """A Redis server for this test alone, which it may stop and start."""
-    server = RedisServer(redis_server_bin)
-    server.start()
-    yield server
-    server.close()
 
 
 def publish(server: RedisServer, seed: int) -> None:
